@@ -1,0 +1,238 @@
+"""The backbone as the rest of system15 sees it: embed, one layer at a time, final norm, head.
+
+We never re-implement a Transformer layer. `Backbone` wraps a real Hugging Face causal LM
+(GPT-2 or Llama family) and calls its own decoder-layer modules in our loop, so that later
+code can put shortcuts between layers and can run a layer on a subset of the batch rows.
+
+The KV cache is ours (`KVCache`): per layer, keys and values of shape [B, H_kv, T, D] and a
+boolean `visible` mask [B, T] saying which cached positions this layer may attend to
+(padding is invisible everywhere; under kv_policy="skip" a skipped position is invisible at
+the layer it skipped). HF attention modules only ever call `past_key_values.update(k, v, i)`,
+so `_RowsView` hands a layer the cached rows it runs and captures the keys it writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+FAMILIES = ("gpt2", "llama")
+
+
+def family_of(model: PreTrainedModel) -> str:
+    kind = model.config.model_type
+    if kind == "gpt2":
+        return "gpt2"
+    if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "rotary_emb"):
+        return "llama"  # Llama, SmolLM2, Mistral-style decoders share this layout
+    raise ValueError(f"unsupported backbone model_type {kind!r}; supported families: {FAMILIES}")
+
+
+@dataclass
+class KVCache:
+    """Keys/values per layer, which cached positions are real (not padding), and, per layer,
+    which positions are hidden from that layer's attention (kv_policy="skip" only)."""
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+    visible: torch.Tensor | None = None  # [B, T], False on padding
+    hidden: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, T] or None
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "KVCache":
+        return cls([None] * num_layers, [None] * num_layers, None, [None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.visible is None else self.visible.shape[1]
+
+    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append new positions (k, v: [B, H, q, D]) to one layer."""
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+
+    def append_positions(self, visible: torch.Tensor, hidden: list[torch.Tensor | None] | None = None) -> None:
+        """Record q new positions (visible: [B, q]); `hidden[l]` marks those layer l must not see."""
+        past = self.length
+        self.visible = visible if self.visible is None else torch.cat([self.visible, visible], dim=1)
+        for layer in range(len(self.keys)):
+            new = None if hidden is None else hidden[layer]
+            if new is None and self.hidden[layer] is None:
+                continue
+            if new is None:
+                new = torch.zeros_like(visible)
+            old = self.hidden[layer]
+            if old is None:
+                old = torch.zeros(visible.shape[0], past, dtype=torch.bool, device=visible.device)
+            self.hidden[layer] = torch.cat([old, new], dim=1)
+
+    def visible_to(self, layer: int) -> torch.Tensor | None:
+        if self.hidden[layer] is None or self.visible is None:
+            return self.visible
+        return self.visible & ~self.hidden[layer]
+
+
+class _RowsView:
+    """What a HF attention module sees as `past_key_values` for one layer and some rows."""
+
+    def __init__(self, cache: KVCache, layer: int, rows: torch.Tensor | None):
+        self.cache, self.layer, self.rows = cache, layer, rows
+        self.new_k: torch.Tensor | None = None
+        self.new_v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, *args, **kwargs):
+        self.new_k, self.new_v = k, v
+        past_k, past_v = self.cache.keys[self.layer], self.cache.values[self.layer]
+        if past_k is None:
+            return k, v
+        if self.rows is not None:
+            past_k, past_v = past_k[self.rows], past_v[self.rows]
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+
+def attention_bias(past_visible: torch.Tensor | None, new_visible: torch.Tensor, dtype) -> torch.Tensor:
+    """Additive mask [B, 1, q, T+q]: causal over the new block, `visible` over everything."""
+    q = new_visible.shape[1]
+    causal = torch.ones(q, q, dtype=torch.bool, device=new_visible.device).tril()
+    allowed_new = causal[None] & new_visible[:, None, :]
+    if past_visible is not None:
+        allowed_past = past_visible[:, None, :].expand(-1, q, -1)
+        allowed = torch.cat([allowed_past, allowed_new], dim=2)
+    else:
+        allowed = allowed_new
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+@dataclass
+class StepContext:
+    """Per-call inputs every layer needs: the mask bias and (Llama) the rotary embedding."""
+
+    bias: torch.Tensor  # [B, 1, q, T+q]
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: [B, q, D]
+    new_visible: torch.Tensor  # [B, q]
+    extras: dict = field(default_factory=dict)
+
+    def rows(self, idx: torch.Tensor) -> "StepContext":
+        rotary = None if self.rotary is None else (self.rotary[0][idx], self.rotary[1][idx])
+        return StepContext(self.bias[idx], rotary, self.new_visible[idx])
+
+
+class Backbone(nn.Module):
+    """A HF causal LM exposed as embed / layer(i) / final norm / head."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        self.family = family_of(lm)
+        cfg = lm.config
+        self.num_layers = cfg.num_hidden_layers if self.family == "llama" else cfg.n_layer
+        self.hidden_size = cfg.hidden_size
+
+    # -- pieces -------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.lm.transformer.h if self.family == "gpt2" else self.lm.model.layers
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, before any position information."""
+        return self.lm.get_input_embeddings()(ids)
+
+    def layer_input(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What layer 1 reads: GPT-2 adds learned positions here; Llama rotates inside attention."""
+        if self.family == "gpt2":
+            tr = self.lm.transformer
+            return tr.drop(embeds + tr.wpe(positions))
+        return embeds
+
+    def context(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                new_visible: torch.Tensor | None = None) -> StepContext:
+        if new_visible is None:
+            new_visible = torch.ones(positions.shape, dtype=torch.bool, device=h.device)
+        bias = attention_bias(cache.visible, new_visible, h.dtype)
+        rotary = self.lm.model.rotary_emb(h, positions) if self.family == "llama" else None
+        return StepContext(bias, rotary, new_visible)
+
+    def layer_bias(self, ctx: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
+        """The mask for one layer: differs from the shared one only where kv_policy="skip" hid keys."""
+        if cache.hidden[layer] is None:
+            return ctx.bias
+        return attention_bias(cache.visible_to(layer), ctx.new_visible, ctx.bias.dtype)
+
+    def run_layer(self, layer: int, h: torch.Tensor, ctx: StepContext, cache: KVCache,
+                  rows: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        """Run the real HF layer `layer` on h (only `rows` of the batch when given).
+
+        Returns (output, k_new, v_new) for those rows; the caller writes the cache."""
+        view = _RowsView(cache, layer, rows)
+        bias = ctx.bias if bias is None else bias
+        block = self.layers[layer]
+        if self.family == "gpt2":
+            out = block(h, past_key_values=view, attention_mask=bias)
+        else:
+            out = block(h, attention_mask=bias, past_key_values=view, position_embeddings=ctx.rotary)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, view.new_k, view.new_v
+
+    def layer_kv(self, layer: int, h_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values layer `layer` would write for input h_in, via its own norm, K/V
+        projections and rotary embedding: the kv_policy="fill" cost of a skipped layer."""
+        block = self.layers[layer]
+        if self.family == "gpt2":
+            attn = block.attn
+            x = block.ln_1(h_in)
+            w, b = attn.c_attn.weight[:, attn.split_size:], attn.c_attn.bias[attn.split_size:]
+            k, v = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).split(attn.split_size, dim=-1)
+            shape = (*h_in.shape[:-1], -1, attn.head_dim)
+            return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = block.self_attn
+        x = block.input_layernorm(h_in)
+        shape = (*h_in.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = ctx.rotary
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        return k, v
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.transformer.ln_f(h) if self.family == "gpt2" else self.lm.model.norm(h)
+
+    def head(self, h_normed: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(h_normed)
+
+    # -- the plain loop -----------------------------------------------------------------
+    def forward_full(self, embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+                     cache: KVCache | None = None, keep_layers: bool = False):
+        """Every layer on every position (prefill, teacher forcing, baselines).
+
+        embeds: [B, q, d] token/latent inputs; positions: [B, q]; visible: [B, q] (False on
+        padding). Writes into `cache` when given. Returns (final normed states [B, q, d],
+        per-layer outputs list or None)."""
+        cache = cache if cache is not None else KVCache.empty(self.num_layers)
+        h = self.layer_input(embeds, positions)
+        ctx = self.context(h, positions, cache, new_visible=visible)
+        states = [] if keep_layers else None
+        for i in range(self.num_layers):
+            h, k, v = self.run_layer(i, h, ctx, cache, bias=self.layer_bias(ctx, cache, i))
+            cache.append_kv(i, k, v)
+            if keep_layers:
+                states.append(h)
+        cache.append_positions(visible)
+        return self.final_norm(h), states
+
+
+def positions_from_mask(visible: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids that skip padding: 0, 1, 2... over visible tokens (left padding safe)."""
+    pos = visible.long().cumsum(-1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return pos.clamp(min=0)

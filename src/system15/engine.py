@@ -1,0 +1,196 @@
+"""Decoding: the prompt prefill, one decoding step with per-row per-layer routing, and
+batched greedy generation for every method.
+
+`decode_step` is the single home of a decoding step. Stage 2 trains through it (route
+"soft"), inference runs it with a hard choice (route "hard"), and every other method runs it
+with route "full". Under the hard choice, the rows that take the shortcut at layer l are
+left out of f_l altogether: the layer runs on the gathered rows that need it, and its
+output is scattered back. Skipped rows still write layer l's keys/values from their input
+(kv_policy "fill"), or are hidden from layer l's attention (kv_policy "skip").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import Backbone, KVCache, positions_from_mask
+from .flops import FlopCounter
+from .layout import pad
+
+
+@dataclass(frozen=True)
+class Route:
+    mode: str = "full"          # full | soft | hard
+    lambda_depth: float = 0.5
+    kv_policy: str = "fill"
+
+
+FULL = Route()
+
+
+@dataclass
+class StepResult:
+    hidden: torch.Tensor            # [B, d] final-normed state (what the head reads)
+    layers: list[torch.Tensor]      # h_{l,t} for every layer, each [B, d]
+    weights: torch.Tensor | None    # [B, L] router scores (None without shortcuts)
+    ran: torch.Tensor               # [B, L] True where f_l ran for the row
+
+
+def prefill(model, ids: torch.Tensor, visible: torch.Tensor):
+    """Run the (left-padded) prompt in full. Returns cache, h_L of the last position,
+    every layer's state at the last position (the first step's horizontal input), and
+    the next position ids."""
+    bb: Backbone = model.backbone
+    positions = positions_from_mask(visible)
+    cache = KVCache.empty(bb.num_layers)
+    final, states = bb.forward_full(bb.embed(ids), positions, visible, cache, keep_layers=True)
+    return cache, final[:, -1], [s[:, -1] for s in states], positions[:, -1] + 1
+
+
+def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, ctx, cache, bias, route):
+    """One layer under the hard choice: f_l only on the rows whose score is <= lambda."""
+    skip = w[:, 0, 0] > route.lambda_depth
+    if not bool(skip.any()):
+        out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
+        return out, k, v, ~skip, None
+    run_rows = (~skip).nonzero(as_tuple=True)[0]
+    skip_rows = skip.nonzero(as_tuple=True)[0]
+    out = torch.empty_like(h)
+    out[skip_rows] = sc.branch(h[skip_rows], h_prev[skip_rows, None])
+    if route.kv_policy == "fill":
+        k_skip, v_skip = bb.layer_kv(layer, h[skip_rows], ctx.rows(skip_rows))
+    else:
+        k_skip = v_skip = None
+    if run_rows.numel() == 0 and k_skip is not None:
+        return out, k_skip, v_skip, ~skip, None
+    template = cache.keys[layer]
+    shape = (h.shape[0], template.shape[1], 1, template.shape[3])
+    k = torch.zeros(shape, dtype=template.dtype, device=h.device)
+    v = torch.zeros_like(k)
+    if run_rows.numel():
+        out_run, k_run, v_run = bb.run_layer(layer, h[run_rows], ctx.rows(run_rows), cache, rows=run_rows, bias=bias[run_rows])
+        out[run_rows], k[run_rows], v[run_rows] = out_run, k_run, v_run
+    if k_skip is not None:
+        k[skip_rows], v[skip_rows] = k_skip, v_skip
+    hidden = None if route.kv_policy == "fill" else skip[:, None]
+    return out, k, v, ~skip, hidden
+
+
+def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                prev: list[torch.Tensor], route: Route = FULL) -> StepResult:
+    """One new position per row. x: [B, d] input vectors; prev: h_{l,t-1} per layer."""
+    bb: Backbone = model.backbone
+    batch = x.shape[0]
+    h = bb.layer_input(x[:, None], positions[:, None])
+    ctx = bb.context(h, positions[:, None], cache)
+    routed = model.shortcuts is not None and route.mode != "full"
+    layers, weights, ran, hidden = [], [], [], []
+    everyone = torch.ones(batch, dtype=torch.bool, device=x.device)
+    for layer in range(bb.num_layers):
+        bias = bb.layer_bias(ctx, cache, layer)
+        hid, rows_ran = None, everyone
+        if not routed:
+            out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
+        else:
+            sc = model.shortcuts[layer]
+            w = sc.router(h)
+            weights.append(w[:, 0, 0])
+            if route.mode == "soft":
+                full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
+                out = sc.mix(w, h, prev[layer][:, None], full)
+            else:
+                out, k, v, rows_ran, hid = _hard_layer(bb, sc, layer, h, prev[layer], w, ctx, cache, bias, route)
+        cache.append_kv(layer, k, v)
+        layers.append(out[:, 0])
+        ran.append(rows_ran)
+        hidden.append(hid)
+        h = out
+    cache.append_positions(torch.ones(batch, 1, dtype=torch.bool, device=x.device), hidden)
+    return StepResult(bb.final_norm(h)[:, 0], layers, torch.stack(weights, 1) if weights else None, torch.stack(ran, 1))
+
+
+@dataclass
+class Generation:
+    """What one row produced, and the compute it took."""
+
+    tokens: list[int]                 # generated ids, up to and including <eos>
+    thought_steps: int
+    flops: int = 0
+    ran: list[list[bool]] = field(default_factory=list)   # per decoding step, per layer
+    emitted: list[int | None] = field(default_factory=list)  # per decoding step: token it produced (None for thoughts)
+
+    @property
+    def decoding_steps(self) -> int:
+        return self.thought_steps + len(self.tokens)
+
+
+class _Ledger:
+    """Per-row FLOPs and routing of every decoding step, only while the row is unfinished."""
+
+    def __init__(self, model, gens: list[Generation], route: Route):
+        self.counter = FlopCounter.for_model(model)
+        self.gens, self.route = gens, route
+        self.routed = model.shortcuts is not None and route.mode != "full"
+        self.thought_flops = self.counter.projection() if model.thought == "latent" else 0
+
+    def record(self, res: StepResult, cache: KVCache, active: torch.Tensor, emitted, thought: bool):
+        c = self.counter
+        ran = res.ran.cpu().tolist()
+        context = cache.visible.sum(1).cpu().tolist()
+        fill = self.route.kv_policy == "fill"
+        for row, gen in enumerate(self.gens):
+            if not bool(active[row]):
+                continue
+            flops = self.thought_flops if thought else 0
+            for layer_ran in ran[row]:
+                flops += c.full_layer(context[row]) if layer_ran else c.skipped_layer(fill)
+                flops += c.router() if self.routed else 0
+            gen.flops += flops
+            gen.ran.append(ran[row])
+            gen.emitted.append(None if emitted is None else int(emitted[row]))
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, K: int | None, route: Route = FULL,
+             max_new_tokens: int = 64) -> list[Generation]:
+    """Greedy decoding for a batch of prompts (`question <bot>` ids).
+
+    K=None: token mode (CoT): the model writes its own chain. K >= 0: K thought steps, then
+    `<eot>` is fed and the answer decoded; K=0 is answer-only (No-CoT)."""
+    tok = model.tokenizer
+    device = next(model.parameters()).device
+    ids, visible = pad(prompts, tok.pad_id, left=True)
+    ids, visible = ids.to(device), visible.to(device)
+    batch = len(prompts)
+    gens = [Generation([], K or 0) for _ in range(batch)]
+    ledger = _Ledger(model, gens, route)
+    cache, last, prev, positions = prefill(model, ids, visible)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def step(x):
+        nonlocal last, prev, positions
+        res = decode_step(model, x, positions, cache, prev, route)
+        last, prev, positions = res.hidden, res.layers, positions + 1
+        return res
+
+    for k in range(K or 0):
+        res = step(model.thought_input(k, last))
+        ledger.record(res, cache, active, None, thought=True)
+    if K is not None:
+        res = step(model.backbone.embed(torch.full((batch,), tok.eot_id, device=device)))
+    nxt = model.backbone.head(last).argmax(-1)
+    if K is not None:
+        ledger.record(res, cache, active, nxt, thought=False)
+    for produced in range(1, max_new_tokens + 1):
+        for row in range(batch):
+            if active[row]:
+                gens[row].tokens.append(int(nxt[row]))
+        active = active & (nxt != tok.eos_id)
+        if not bool(active.any()) or produced == max_new_tokens:
+            break
+        res = step(model.backbone.embed(nxt))
+        nxt = model.backbone.head(last).argmax(-1)
+        ledger.record(res, cache, active, nxt, thought=False)
+    return gens

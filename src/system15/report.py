@@ -1,0 +1,109 @@
+"""Results files: results/<name>/summary.json, summary.md and the figures.
+
+summary.json keeps the schema every results command shares:
+{"task", "backbone", "device", "command", "rows": [{"method", "accuracy", "decoding_steps",
+"flops_per_step", "latency_ms", "speedup_vs_cot", ...}], ...}; rows only gain keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    ("method", "method", "{}"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("decoding_steps", "decoding steps", "{:.1f}"),
+    ("flops_per_step", "FLOPs / step", "{:.3g}"),
+    ("flops_reduction_vs_latent", "FLOPs reduction vs latent", "{:.2f}x"),
+    ("latency_ms", "latency b=1 (ms)", "{:.2f}"),
+    ("speedup_vs_cot", "speedup vs CoT b=1", "{:.2f}x"),
+    ("speedup_vs_cot_b8", "b=8", "{:.2f}x"),
+    ("speedup_vs_cot_b64", "b=64", "{:.2f}x"),
+    ("latency_vs_nocot", "latency vs No-CoT", "{:.2f}x"),
+    ("skip_frac_critical", "layers skipped: critical", "{:.1%}"),
+    ("skip_frac_noncritical", "non-critical", "{:.1%}"),
+]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            value = r.get(key)
+            ok = value is not None and not (isinstance(value, float) and math.isnan(value))
+            cells.append(fmt.format(value) if ok else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = [f"# {out.name}", "", f"task: `{summary['task']}` · backbone: `{summary['backbone']}` · device: {summary['device']}",
+          "", markdown_table(summary["rows"]), "", f"Regenerate: `{summary['command']}`", ""]
+    if summary.get("stage1_align"):
+        md += ["Stage-1 alignment rules (validation accuracy): " +
+               ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
+               f"; chosen: {summary['stage1_align'].get('chosen')}", ""]
+    (out / "summary.md").write_text("\n".join(md))
+    return out / "summary.json"
+
+
+def plot_sweep(out_dir: str | Path, sweep: list[dict], reference: dict[str, dict]) -> list[Path]:
+    """The paper's Figure 4 (accuracy over lambda_depth x lambda_step) and a Pareto plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    depths = sorted({p["lambda_depth"] for p in sweep})
+    steps = sorted({p["K"] for p in sweep})
+    grid = [[next(p["accuracy"] for p in sweep if p["K"] == k and p["lambda_depth"] == d) for d in depths] for k in steps]
+    fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2, 0.8 * len(steps) + 1.8))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect="auto")
+    ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_yticks(range(len(steps)), [str(k) for k in steps])
+    ax.set_xlabel("lambda_depth (router threshold)")
+    ax.set_ylabel("lambda_step (latent steps K)")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0%}", ha="center", va="center", color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title("System-1.5 accuracy over thresholds")
+    fig.tight_layout()
+    heat = out / "sweep_heatmap.png"
+    fig.savefig(heat, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter([p["speedup_vs_cot"] for p in sweep], [p["accuracy"] for p in sweep], c="tab:blue", label="System-1.5 sweep")
+    for p in sweep:
+        ax.annotate(f"{p['lambda_depth']:g}/{p['K']}", (p["speedup_vs_cot"], p["accuracy"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    for name, row in reference.items():
+        ax.scatter([row["speedup_vs_cot"]], [row["accuracy"]], marker="s", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall-clock speedup vs CoT (batch 1, log scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy against speed (labels: lambda_depth/K)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    pareto = out / "pareto.png"
+    fig.savefig(pareto, dpi=120)
+    plt.close(fig)
+    return [heat, pareto]

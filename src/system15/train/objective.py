@@ -1,0 +1,93 @@
+"""What every training method provides to the loop, and the pieces they share."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import decode_step, prefill
+from ..layout import IGNORE, Encoded, pad, prompt, sequence_batch
+
+
+class Objective:
+    """A training method: which parameters train, how a batch is built, and its loss."""
+
+    name = "?"
+    thought: str | None = None  # what the model's thought steps read (model.thought)
+
+    def eval_K(self, config) -> int | None:
+        """K for generation: None = token mode (CoT)."""
+        return 0
+
+    def prepare(self, model) -> None:
+        """Set model.thought and which parameters train (default: backbone + P + pause)."""
+        model.thought, model.method = self.thought, self.name
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if model.shortcuts is not None:
+            model.shortcuts.requires_grad_(False)
+
+    def on_step(self, step: int, total: int) -> None:
+        """Hook for curricula (Coconut)."""
+
+    def collate(self, model, examples: list[Encoded]) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of each example's mean token NLL, so that a batch split across
+    processes averages to the same value as the whole batch in one process."""
+    ce = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")
+    mask = labels != IGNORE
+    return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def sequence_forward(model, batch: dict, keep_layers: bool = False):
+    """Teacher forcing over right-padded sequences (ids, visible, labels)."""
+    from ..backbone import positions_from_mask
+
+    bb = model.backbone
+    final, states = bb.forward_full(bb.embed(batch["ids"]), positions_from_mask(batch["visible"]),
+                                    batch["visible"], keep_layers=keep_layers)
+    return example_nll(bb.head(final), batch["labels"]), final, states
+
+
+def thought_batch(model, examples: list[Encoded], tails: list[list[int]]) -> dict:
+    """Left-padded prompts, then right-padded tails `<eot> targets` with their labels."""
+    tok = model.tokenizer
+    ids, visible = pad([prompt(tok, e) for e in examples], tok.pad_id, left=True)
+    tail, tail_visible, labels = sequence_batch([([tok.eot_id], t) for t in tails], tok.pad_id)
+    return {"ids": ids, "visible": visible, "tail": tail, "tail_visible": tail_visible, "labels": labels}
+
+
+def thought_forward(model, batch: dict, K: int, keep_layers: bool = False):
+    """Prompt prefill, K thought steps (full path), then the tail by teacher forcing.
+
+    Returns (answer NLL, thought step results, tail final states, tail per-layer states)."""
+    bb = model.backbone
+    cache, last, prev, positions = prefill(model, batch["ids"], batch["visible"])
+    thoughts = []
+    for k in range(K):
+        res = decode_step(model, model.thought_input(k, last), positions, cache, prev)
+        last, prev, positions = res.hidden, res.layers, positions + 1
+        thoughts.append(res)
+    width = batch["tail"].shape[1]
+    tail_positions = positions[:, None] + torch.arange(width, device=positions.device)[None]
+    final, states = bb.forward_full(bb.embed(batch["tail"]), tail_positions, batch["tail_visible"], cache, keep_layers)
+    return example_nll(bb.head(final), batch["labels"]), thoughts, final, states
+
+
+def objective_for(method: str, config) -> Objective:
+    from .baselines import Coconut, Pause
+    from .sft import CoTSFT, NoCoTSFT
+    from .stage1 import LatentDistillation
+    from .stage2 import ShortcutDistillation
+
+    table = {"cot": CoTSFT, "nocot": NoCoTSFT, "pause": Pause, "coconut": Coconut,
+             "latent": LatentDistillation, "system15": ShortcutDistillation}
+    if method not in table:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(table)}")
+    return table[method](config)

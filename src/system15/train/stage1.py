@@ -1,0 +1,83 @@
+"""Stage 1: language-to-latent self-distillation (method.md, "Stage 1").
+
+Teacher and student are one model (shared weights, initialised from CoT-SFT):
+
+    L1 = NLL_teacher(CoT + answer) + NLL_student(answer | K latent steps) + alpha * align
+
+align, rule "segment" (default): MSE between latent step k's last-layer state and the
+teacher's last-layer state (stop-gradient) at the last token of the CoT segment that step k
+covers. Rule "codi": every layer, at the position just before the answer, each layer's
+difference divided by the teacher's standard deviation at that layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import cot_target, prompt, segment_ends, sequence_batch
+from .objective import Objective, sequence_forward, thought_batch, thought_forward
+
+
+class LatentDistillation(Objective):
+    name = "latent"
+    thought = "latent"
+
+    def __init__(self, config):
+        self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
+
+    def eval_K(self, config):
+        return self.K
+
+    def collate(self, model, examples):
+        tok = model.tokenizer
+        teacher_pairs = [(prompt(tok, e), cot_target(tok, e)) for e in examples]
+        ids, visible, labels = sequence_batch(teacher_pairs, tok.pad_id)
+        student = thought_batch(model, examples, [e.answer for e in examples])
+        seg = torch.full((len(examples), self.K), -1, dtype=torch.long)
+        for row, e in enumerate(examples):
+            for k, end in enumerate(segment_ends(e, self.K)):
+                if end is not None:
+                    seg[row, k] = len(e.question) + 1 + end
+        # the last marker id predicts the answer's first digit: that is "the position before the answer"
+        teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples])
+        student_before = torch.tensor([e.marker for e in examples])
+        return {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "student": student,
+                "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before}
+
+    def loss(self, model, batch):
+        codi = self.rule == "codi"
+        t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=codi)
+        s_nll, thoughts, _, s_states = thought_forward(model, batch["student"], self.K, keep_layers=codi)
+        if codi:
+            align = codi_alignment(t_states, s_states, batch["teacher_before"], batch["student_before"])
+        else:
+            align = segment_alignment(t_final, thoughts, batch["segment_pos"])
+        loss = t_nll + s_nll + self.alpha * align
+        return loss, {"teacher_nll": t_nll.item(), "student_nll": s_nll.item(), "align": align.item()}
+
+
+def segment_alignment(teacher_final: torch.Tensor, thoughts, segment_pos: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over (example, step) pairs whose segment is not empty."""
+    if not thoughts:
+        return teacher_final.new_zeros(())
+    rows = torch.arange(teacher_final.shape[0], device=teacher_final.device)
+    total, count = teacher_final.new_zeros(()), 0
+    for k, res in enumerate(thoughts):
+        valid = segment_pos[:, k] >= 0
+        if not bool(valid.any()):
+            continue
+        target = teacher_final[rows[valid], segment_pos[valid, k]].detach()
+        total = total + (res.hidden[valid] - target).pow(2).mean(-1).sum()
+        count += int(valid.sum())
+    return total / max(count, 1)
+
+
+def codi_alignment(teacher_states, student_states, teacher_pos, student_pos) -> torch.Tensor:
+    """Every layer, the position before the answer, normalised by the teacher's std."""
+    rows = torch.arange(teacher_pos.shape[0], device=teacher_pos.device)
+    losses = []
+    for t_layer, s_layer in zip(teacher_states, student_states):
+        target = t_layer[rows, teacher_pos].detach()
+        diff = (s_layer[rows, student_pos] - target) / target.std().clamp(min=1e-6)
+        losses.append(diff.pow(2).mean())
+    return torch.stack(losses).mean()
