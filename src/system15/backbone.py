@@ -49,6 +49,10 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.visible is None else self.visible.shape[1]
 
+    def fork(self) -> "KVCache":
+        """An independent branch: tensors are shared, never written in place, so this is cheap."""
+        return KVCache(list(self.keys), list(self.values), self.visible, list(self.hidden))
+
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append new positions (k, v: [B, H, q, D]) to one layer."""
         if self.keys[layer] is None:

@@ -155,6 +155,29 @@ def latest_good(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def recover(target: str | os.PathLike) -> None:
+    """Undo what a crash inside `write_atomic` left next to `target`: unfinished temporary
+    folders are deleted, and if the crash fell between moving the old version aside and
+    moving the new one in, the old version is put back."""
+    target = Path(target)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists():
+            try:
+                verify(old)
+                old.rename(target)
+                continue
+            except CheckpointError:
+                pass
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def prune(run_dir: str | os.PathLike, keep: int = 2) -> None:
+    """Keep the newest `keep` checkpoints (older ones are the fallback if the newest is bad),
+    and delete temporary folders that a killed run left unfinished."""
     for old in checkpoints(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for tmp in root.glob(".step-*.tmp-*") if root.exists() else []:
+        shutil.rmtree(tmp, ignore_errors=True)

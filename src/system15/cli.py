@@ -14,11 +14,12 @@ from pathlib import Path
 
 from .config import METHODS, ConfigError, help_lines, load_config
 
-DEMO_RECIPE = "configs/demo.yaml"
+_REPO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_RECIPE = "configs/demo.yaml" if Path("configs/demo.yaml").exists() or not _REPO_RECIPE.exists() else str(_REPO_RECIPE)
 
 
-def _command_line() -> str:
-    return "system15 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(argv: list[str]) -> str:
+    return "system15 " + " ".join(shlex.quote(a) for a in argv)
 
 
 def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -31,7 +32,7 @@ def cmd_bench(args) -> int:
     from .report import markdown_table
 
     config = load_config(args.recipe, args.overrides)
-    summary = run_ladder(config, runs_root=args.runs, results_root=args.results, command=_command_line())
+    summary = run_ladder(config, runs_root=args.runs, results_root=args.results, command=_command_line(args.argv))
     print(markdown_table(summary["rows"]))
     print(f"\nwritten: {Path(args.results) / config.name / 'summary.json'}")
     return 0
@@ -142,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except ConfigError as e:

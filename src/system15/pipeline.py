@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from .config import METHODS, RunConfig
 from .data import Example, SyntheticTask, load_task
+from .distributed import shard_map
 from .engine import FULL, Route
 from .evaluate import accuracy, evaluate, measure_latency, records_as_dicts, summarize
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
+from .runtime import accelerator_for, autocast, device_for
 from .train import objective_for
 from .train.loop import fit, is_done
 
@@ -54,12 +56,6 @@ def route_for(method: str, config: RunConfig, lambda_depth: float | None = None)
     return Route("hard", sc.lambda_depth if lambda_depth is None else lambda_depth, sc.kv_policy)
 
 
-def _device(config: RunConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name: str | None = None) -> ReasoningModel:
     """Train one method (or load it when its rung is already done); returns its best model."""
     run_dir = runs_dir / (run_name or method)
@@ -71,18 +67,19 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
             model = build_model(config, texts)
         else:
             model = load_reasoning_model(runs_dir / parent / "best", config)
-        model.to(_device(config))
+        model.to(device_for(config))
         K, route = objective.eval_K(config), route_for(method, config)
         valid = splits["valid"]
 
-        def validate(m):
-            return accuracy(evaluate(m, valid, K=K, route=route, batch_size=config.eval.batch_size,
-                                     max_new_tokens=config.task.max_new_tokens))
+        def validate(m):  # every process scores its own shard; the records are gathered in order
+            with autocast(config):
+                return accuracy(shard_map(lambda chunk: evaluate(m, chunk, K=K, route=route, batch_size=config.eval.batch_size,
+                                                                 max_new_tokens=config.task.max_new_tokens), valid))
 
         encoded = [encode(model.tokenizer, e) for e in splits["train"]]
-        fit(model, objective, encoded, config.stage(method), run_dir, validate)
+        fit(model, objective, encoded, config.stage(method), run_dir, validate, accelerator=accelerator_for(config))
     model = load_reasoning_model(run_dir / "best", config)
-    return model.to(_device(config))
+    return model.to(device_for(config))
 
 
 def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict]:
@@ -102,7 +99,7 @@ def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
         if latent_dir.exists():
             shutil.rmtree(latent_dir)
         shutil.copytree(runs_dir / f"latent-{chosen}", latent_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    model = load_reasoning_model(latent_dir / "best", config).to(_device(config))
+    model = load_reasoning_model(latent_dir / "best", config).to(device_for(config))
     return model, {**scores, "chosen": chosen}
 
 
@@ -189,7 +186,8 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         else:
             models[method] = train_rung(config, method, splits, runs_dir)
         seconds[method] = round(time.perf_counter() - began, 1)
-    rows, records = measure(config, models, splits)
+    with autocast(config):
+        rows, records = measure(config, models, splits)
     summary = {
         "task": config.task.name,
         "backbone": _backbone_name(config),
@@ -204,7 +202,8 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if "system15" in models:
-        points = sweep(config, models["system15"], models.get("cot"), splits)
+        with autocast(config):
+            points = sweep(config, models["system15"], models.get("cot"), splits)
         summary["sweep"] = points
         refs = {r["method"]: r for r in rows if r["method"] in ("cot", "latent", "nocot")}
         summary["figures"] = [p.name for p in plot_sweep(out_dir, points, refs)]

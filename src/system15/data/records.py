@@ -109,7 +109,7 @@ def label_equations(exprs_results: list[tuple[str, str]]) -> list[bool]:
     for expr, result in exprs_results:
         operands = {parse_number(match) for match in _OPERAND.findall(expr)}
         labels.append(bool(operands & earlier))
-        value = parse_number(result.lstrip("-"))
+        value = parse_number(result)
         if value is not None:
-            earlier.add(value)
+            earlier.add(abs(value))
     return labels

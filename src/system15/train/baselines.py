@@ -21,7 +21,7 @@ class Pause(Objective):
         return thought_batch(model, examples, [e.answer for e in examples])
 
     def loss(self, model, batch):
-        nll, *_ = thought_forward(model, batch, self.K)
+        nll = thought_forward(model, batch, self.K).nll
         return nll, {"nll": nll.item()}
 
 
@@ -53,5 +53,5 @@ class Coconut(Objective):
         return batch
 
     def loss(self, model, batch):
-        nll, *_ = thought_forward(model, batch, batch["K"])
+        nll = thought_forward(model, batch, batch["K"]).nll
         return nll, {"nll": nll.item(), "stage": self.stage}

@@ -2,16 +2,20 @@
 
 Data order is a seeded permutation per epoch, cut into global batches; each process takes
 its own slice of each global batch, so N processes x B examples follow the same trajectory
-as 1 process x N*B. Checkpoints (checkpoint.py) are sealed and atomic; the model that scores
+as 1 process x N*B, and the logged loss is the mean over all processes (the loss of the
+global batch). Checkpoints (checkpoint.py) are sealed and atomic; the model that scores
 best on validation is kept in `<run_dir>/best`, and `<run_dir>/done.json` marks the stage as
-finished so a ladder can skip it on a re-run.
+finished so a ladder can skip it on a re-run. A NaN/inf loss or gradient stops the run
+before the optimizer step, so the last checkpoint is the last good state.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import latest_good, load_training_state, prune, save_training_state, verify, write_atomic
+from ..checkpoint import latest_good, load_training_state, prune, recover, save_training_state, verify, write_atomic
 from ..config import TrainConfig
 from ..layout import Encoded
 from .objective import Objective
@@ -31,10 +35,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+    """HEAD of the checkout the package runs from, '+dirty' when tracked files differ."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        head = git("rev-parse", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) if head else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -48,7 +57,9 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def global_batch(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Indices of the global batch for `step`: epochs are seeded permutations."""
+    """Indices of the global batch for `step`: epochs are seeded permutations.
+
+    A pure function of its arguments, so a resumed run sees the same batches."""
     per_epoch = max(1, n // batch_size)
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -74,13 +85,76 @@ def is_done(run_dir: str | Path) -> bool:
         return False
 
 
+def ready_for_training(accelerator):
+    """Check the launch and set DDP up for our objectives; returns `accelerator`.
+
+    - accelerate made without cpu=True on a CUDA-less machine ignores a multi-process launch:
+      every process would train alone and overwrite the others' files. Refuse that.
+    - Methods leave some trainable parameters unused (P in CoT, the pause embeddings outside
+      the pause baseline), so DDP must look for unused ones, also in a caller's accelerator."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
+                           "on a machine without CUDA make the Accelerator (or PartialState) with cpu=True, "
+                           "before anything else creates accelerate's state")
+    handler = accelerator.ddp_handler or DistributedDataParallelKwargs()
+    handler.find_unused_parameters = True
+    accelerator.ddp_handler = handler
+    return accelerator
+
+
+def run_record(objective: Objective, model, cfg: TrainConfig, accelerator) -> dict:
+    """What run.json keeps: enough to tell which code, settings and seed made the run."""
+    import transformers
+
+    return {"method": objective.name, "train": vars(cfg), "config": model.config.to_dict(),
+            "version": __version__, "git": git_revision(), "seed": cfg.seed,
+            "processes": accelerator.num_processes, "distributed": accelerator.distributed_type.value,
+            "torch": torch.__version__, "transformers": transformers.__version__, "argv": sys.argv}
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut short by the kill
+        return None
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log entries past `step` (and any torn last line): a resumed run logs those steps again."""
+    if path.exists():
+        entries = [(line, _logged_step(line)) for line in path.read_text().splitlines()]
+        kept = [line for line, at in entries if at is not None and at <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def global_mean(accelerator, loss: torch.Tensor, metrics: dict) -> tuple[float, dict]:
+    """Loss and float metrics averaged over processes (one all-reduce): the values of the
+    global batch, identical on every process, so all of them agree on a non-finite loss.
+    Every process must report the same metric keys."""
+    keys = [k for k, v in metrics.items() if isinstance(v, float)]
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=loss.device)
+    reduced = accelerator.reduce(torch.cat([loss.detach().double().reshape(1), values]), "mean").tolist()
+    return reduced[0], {**metrics, **dict(zip(keys, reduced[1:]))}
+
+
 def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run_dir: str | Path,
         validate: Callable[[object], float] | None = None, accelerator=None, quiet: bool = False) -> dict:
-    """Train `model` with `objective`; returns the summary also written to done.json."""
-    from accelerate import Accelerator
+    """Train `model` with `objective`; returns the summary also written to done.json.
 
+    `validate(model)` is called on every process (same weights, same score); it may split
+    its work with `system15.distributed.shard_map`. Only the main process writes files."""
     run_dir = Path(run_dir)
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    ready_for_training(accelerator)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
     objective.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -89,26 +163,37 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     main = accelerator.is_main_process
     state = {"step": 0, "best": -1.0, "best_step": -1, "seconds": 0.0}
     resumed = latest_good(run_dir)
+    accelerator.wait_for_everyone()  # everyone has chosen before the main process writes
+    if main:
+        recover(run_dir / "best")
     if resumed is not None:
         state = load_training_state(resumed, model, opt)
+        if main:
+            truncate_log(run_dir / "log.jsonl", state["step"])
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"method": objective.name, "train": vars(cfg), "config": model.config.to_dict(),
-                  "version": __version__, "git": git_revision(), "seed": cfg.seed, "processes": accelerator.num_processes}
+        (run_dir / "log.jsonl").unlink(missing_ok=True)  # left by a run that died before its first checkpoint
+        record = run_record(objective, model, cfg, accelerator)
         (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must divide evenly over {world} processes")
+
+    def log(entry: dict) -> None:
+        if main:
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    if resumed is not None:
+        log({"step": state["step"], "resumed_from": str(resumed), "processes": world})
 
     def evaluate_and_checkpoint(step: int) -> None:
         model.eval()
-        if validate is not None and main:
+        if validate is not None:
             score = validate(model)
             log({"step": step, "valid_accuracy": score})
             if score > state["best"]:
                 state.update(best=score, best_step=step)
-                write_atomic(run_dir / "best", model.save)
-        elif main and validate is None:
+                if main:
+                    write_atomic(run_dir / "best", model.save)
+        elif main:
             write_atomic(run_dir / "best", model.save)
         model.train()
         if main:
@@ -116,10 +201,10 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
             prune(run_dir)
         accelerator.wait_for_everyone()
 
-    def log(entry: dict) -> None:
-        if main:
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+    def stop(what: str, value: float, step: int) -> NonFiniteLoss:
+        return NonFiniteLoss(f"{objective.name}: {what} is {value} at step {step + 1} (lr {learning_rate(cfg, step):.3g}); "
+                             f"stopped before its optimizer step; last good checkpoint: "
+                             f"{latest_good(run_dir) or 'none'} (left untouched)")
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {objective.name}", disable=quiet or not main,
@@ -135,21 +220,24 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         examples = [train[i] for i in idx[rank * share:(rank + 1) * share]]
         batch = to_device(objective.collate(model, examples), accelerator.device)
         loss, metrics = wrapped(objective, batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"{objective.name}: loss is {loss.item()} at step {step}; "
-                                f"last good checkpoint: {latest_good(run_dir) or 'none'} (left untouched)")
+        mean_loss, metrics = global_mean(accelerator, loss, metrics)
+        if not math.isfinite(mean_loss):
+            raise stop("loss", mean_loss, step)
         accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip or math.inf))  # inf: measure only
+        if not math.isfinite(norm):
+            raise stop("gradient norm", norm, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         state["step"] = step
         state["seconds"] = time.perf_counter() - began
-        log({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], **metrics})
+        log({"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], **metrics})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}")
         out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes
+        if world > 1:  # every process must stop at the same step
+            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "max"))
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             evaluate_and_checkpoint(step)
         if out_of_time:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -63,21 +65,35 @@ def thought_batch(model, examples: list[Encoded], tails: list[list[int]]) -> dic
     return {"ids": ids, "visible": visible, "tail": tail, "tail_visible": tail_visible, "labels": labels}
 
 
-def thought_forward(model, batch: dict, K: int, keep_layers: bool = False):
-    """Prompt prefill, K thought steps (full path), then the tail by teacher forcing.
+@dataclass
+class ThoughtPass:
+    nll: torch.Tensor                 # answer NLL after the thoughts
+    thoughts: list                    # StepResult of each thought step
+    final: torch.Tensor               # tail final states [B, T, d]
+    states: list | None               # tail per-layer states (keep_layers)
+    forks: list                       # (cache branch, next positions) after each thought step
 
-    Returns (answer NLL, thought step results, tail final states, tail per-layer states)."""
+
+def thought_forward(model, batch: dict, K: int, keep_layers: bool = False) -> ThoughtPass:
+    """Prompt prefill, K thought steps (full path), then the tail by teacher forcing."""
     bb = model.backbone
     cache, last, prev, positions = prefill(model, batch["ids"], batch["visible"])
-    thoughts = []
+    thoughts, forks = [], []
     for k in range(K):
         res = decode_step(model, model.thought_input(k, last), positions, cache, prev)
         last, prev, positions = res.hidden, res.layers, positions + 1
         thoughts.append(res)
-    width = batch["tail"].shape[1]
-    tail_positions = positions[:, None] + torch.arange(width, device=positions.device)[None]
-    final, states = bb.forward_full(bb.embed(batch["tail"]), tail_positions, batch["tail_visible"], cache, keep_layers)
-    return example_nll(bb.head(final), batch["labels"]), thoughts, final, states
+        forks.append((cache.fork(), positions))
+    final, states = teacher_force(model, cache, positions, batch["tail"], batch["tail_visible"], keep_layers)
+    return ThoughtPass(example_nll(bb.head(final), batch["labels"]), thoughts, final, states, forks)
+
+
+def teacher_force(model, cache, positions, ids, visible, keep_layers=False):
+    """Feed right-padded `ids` after what `cache` holds (positions continue per row)."""
+    bb = model.backbone
+    width = ids.shape[1]
+    pos = positions[:, None] + torch.arange(width, device=positions.device)[None]
+    return bb.forward_full(bb.embed(ids), pos, visible, cache, keep_layers)
 
 
 def objective_for(method: str, config) -> Objective:

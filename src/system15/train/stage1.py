@@ -8,14 +8,18 @@ align, rule "segment" (default): MSE between latent step k's last-layer state an
 teacher's last-layer state (stop-gradient) at the last token of the CoT segment that step k
 covers. Rule "codi": every layer, at the position just before the answer, each layer's
 difference divided by the teacher's standard deviation at that layer.
+
+Optional (latent.probe > 0), one of the levers the plain rule needed at small scale: after
+latent step k, a short teacher-forced branch must decode `#### <results of segment k>`, so
+the latent path is made to carry the intermediate values themselves.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layout import cot_target, prompt, segment_ends, sequence_batch
-from .objective import Objective, sequence_forward, thought_batch, thought_forward
+from ..layout import cot_target, prompt, segment_ends, segment_results, sequence_batch
+from .objective import Objective, example_nll, sequence_forward, teacher_force, thought_batch, thought_forward
 
 
 class LatentDistillation(Objective):
@@ -24,6 +28,7 @@ class LatentDistillation(Objective):
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
+        self.probe = config.latent.probe
 
     def eval_K(self, config):
         return self.K
@@ -41,19 +46,47 @@ class LatentDistillation(Objective):
         # the last marker id predicts the answer's first digit: that is "the position before the answer"
         teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples])
         student_before = torch.tensor([e.marker for e in examples])
-        return {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "student": student,
-                "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before}
+        batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "student": student,
+                 "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before}
+        if self.probe:
+            batch["probes"] = [self._probe_batch(tok, examples, k) for k in range(self.K)]
+        return batch
+
+    def _probe_batch(self, tok, examples, k):
+        """`<eot> #### <results of segment k>` for each example (empty segments get no target)."""
+        pairs = []
+        for e in examples:
+            results = segment_results(e, self.K)[k]
+            target = tok.encode("#### " + " ".join(results)) if results else []
+            pairs.append(([tok.eot_id], target))
+        ids, visible, labels = sequence_batch(pairs, tok.pad_id)
+        return {"ids": ids, "visible": visible, "labels": labels}
 
     def loss(self, model, batch):
         codi = self.rule == "codi"
         t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=codi)
-        s_nll, thoughts, _, s_states = thought_forward(model, batch["student"], self.K, keep_layers=codi)
+        student = thought_forward(model, batch["student"], self.K, keep_layers=codi)
         if codi:
-            align = codi_alignment(t_states, s_states, batch["teacher_before"], batch["student_before"])
+            align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"])
         else:
-            align = segment_alignment(t_final, thoughts, batch["segment_pos"])
-        loss = t_nll + s_nll + self.alpha * align
-        return loss, {"teacher_nll": t_nll.item(), "student_nll": s_nll.item(), "align": align.item()}
+            align = segment_alignment(t_final, student.thoughts, batch["segment_pos"])
+        loss = t_nll + student.nll + self.alpha * align
+        metrics = {"teacher_nll": t_nll.item(), "student_nll": student.nll.item(), "align": align.item()}
+        if self.probe:
+            probe = probe_nll(model, student.forks, batch["probes"])
+            loss = loss + self.probe * probe
+            metrics["probe_nll"] = probe.item()
+        return loss, metrics
+
+
+def probe_nll(model, forks, probes) -> torch.Tensor:
+    """After latent step k, decode the results of the CoT segment k covers, from a cache branch:
+    the latent path must carry the intermediate values, not just end near the teacher."""
+    losses = []
+    for (cache, positions), probe in zip(forks, probes):
+        final, _ = teacher_force(model, cache, positions, probe["ids"], probe["visible"])
+        losses.append(example_nll(model.backbone.head(final), probe["labels"]))
+    return torch.stack(losses).mean()
 
 
 def segment_alignment(teacher_final: torch.Tensor, thoughts, segment_pos: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,6 @@ non-critical steps, low and shrinking with depth for critical ones.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
@@ -82,8 +80,7 @@ def run_steps(model, start, batch, K: int, route: Route | None):
     Returns per-step layer states as a list over layers of [B, T, d], tail logits
     [B, T_tail, V], and router weights [B, T, L] (soft route only)."""
     cache, last, prev, positions = start
-    cache = copy.copy(cache)  # lists copied; tensors are never written in place
-    cache.keys, cache.values, cache.hidden = list(cache.keys), list(cache.values), list(cache.hidden)
+    cache = cache.fork()
     route = route or Route()
     per_step, logits, weights = [], [], []
     tail = batch["tail"]

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny real models (GPT-2 and Llama families) and synthetic examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from system15.config import load_config
+from system15.data import SyntheticTask
+from system15.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = ROOT.parent / "shared" / "data"
+
+
+def tiny_config(family: str = "gpt2", **overrides):
+    pairs = [f"backbone.family={family}", "backbone.n_layer=3", "backbone.n_embd=32", "backbone.n_head=4",
+             f"task.data_root={DATA_ROOT}", "shortcut.adapter_dim=8", "shortcut.router_hidden=8"]
+    pairs += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, pairs)
+
+
+@pytest.fixture(scope="session")
+def examples():
+    return SyntheticTask(n_steps=3).generate(12, seed=1)
+
+
+def tiny_model(examples, family="gpt2", thought="latent", shortcuts=False, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    texts = [e.question + " " + e.cot + " #### " + e.answer for e in examples]
+    model = build_model(config, texts, thought=thought)
+    if shortcuts:
+        model.add_shortcuts()
+    return model.eval()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def family(request):
+    return request.param

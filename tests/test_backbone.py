@@ -1,0 +1,70 @@
+"""Our layer loop over the real HF modules must reproduce the HF model's own forward."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from system15.backbone import Backbone, KVCache, positions_from_mask
+
+
+def hf_model(family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=61, n_positions=64,
+                                          bos_token_id=None, eos_token_id=None)).eval()
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=61, bos_token_id=None, eos_token_id=None,
+                                        pad_token_id=None)).eval()
+
+
+def padded_batch():
+    ids = torch.randint(0, 61, (3, 11), generator=torch.Generator().manual_seed(1))
+    visible = torch.ones(3, 11, dtype=torch.bool)
+    visible[1, :3] = False  # left padding of different lengths
+    visible[2, :6] = False
+    return ids, visible, positions_from_mask(visible)
+
+
+@torch.no_grad()
+def test_loop_equals_hf_forward(family):
+    lm = hf_model(family)
+    bb = Backbone(lm)
+    ids, visible, pos = padded_batch()
+    ref = lm(input_ids=ids, attention_mask=visible.long(), position_ids=pos).logits
+    final, _ = bb.forward_full(bb.embed(ids), pos, visible)
+    assert (bb.head(final) - ref)[visible].abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_loop_with_kv_cache_equals_hf_forward(family):
+    lm = hf_model(family)
+    bb = Backbone(lm)
+    ids, visible, pos = padded_batch()
+    ref = lm(input_ids=ids, attention_mask=visible.long(), position_ids=pos).logits
+    cache = KVCache.empty(bb.num_layers)
+    outs = [bb.head(bb.forward_full(bb.embed(ids[:, :7]), pos[:, :7], visible[:, :7], cache)[0])]
+    for t in range(7, 11):
+        final, _ = bb.forward_full(bb.embed(ids[:, t:t + 1]), pos[:, t:t + 1], visible[:, t:t + 1], cache)
+        outs.append(bb.head(final))
+    assert (torch.cat(outs, 1) - ref)[visible].abs().max() <= 1e-4
+    assert cache.length == 11
+
+
+@torch.no_grad()
+def test_layer_kv_matches_the_keys_the_layer_writes(family):
+    """kv_policy=fill computes a skipped layer's K/V with its own projections: same as running it."""
+    bb = Backbone(hf_model(family))
+    ids, visible, pos = padded_batch()
+    cache = KVCache.empty(bb.num_layers)
+    h = bb.layer_input(bb.embed(ids), pos)
+    ctx = bb.context(h, pos, cache, new_visible=visible)
+    _, k, v = bb.run_layer(0, h, ctx, cache)
+    k_fill, v_fill = bb.layer_kv(0, h, ctx)
+    assert torch.allclose(k, k_fill, atol=1e-6) and torch.allclose(v, v_fill, atol=1e-6)
+
+
+def test_unsupported_model_is_refused():
+    from transformers import BertConfig, BertForMaskedLM
+
+    with pytest.raises(ValueError, match="unsupported backbone"):
+        Backbone(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)))

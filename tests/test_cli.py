@@ -1,0 +1,75 @@
+"""The command line: every verb runs, help comes from the config, errors are one clear line."""
+
+import json
+
+import pytest
+
+from system15.cli import main
+from system15.config import help_lines
+
+from conftest import DATA_ROOT, tiny_model
+
+TINY = ["backbone.n_layer=2", "backbone.n_embd=32", "backbone.n_head=2", f"task.data_root={DATA_ROOT}",
+        "task.n_train=64", "task.n_valid=4", "task.n_test=6", "task.max_new_tokens=8", "methods=[cot,nocot]",
+        "eval.timing_examples=2", "eval.timing_batch_sizes=[1]",
+        "stages.cot={steps: 2, batch_size: 4, eval_every: 2, warmup: 1}",
+        "stages.nocot={steps: 2, batch_size: 4, eval_every: 2, warmup: 1}"]
+
+
+def test_demo_verb_runs_the_ladder_and_prints_the_table(tmp_path, capsys):
+    code = main(["demo", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res"), "name=cli", *TINY])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| cot |" in out and "| nocot |" in out
+    summary = json.loads((tmp_path / "res" / "cli" / "summary.json").read_text())
+    assert summary["command"].startswith("system15 demo")
+    assert [r["method"] for r in summary["rows"]] == ["cot", "nocot"]
+
+
+def test_config_verb_lists_every_setting_with_help(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    for key in ("shortcut.lambda_depth", "latent.K", "shortcut.kv_policy", "stages", "backbone.trust_remote_code"):
+        assert key in out
+    assert len(help_lines()) > 40
+
+
+def test_eval_reads_any_jsonl_with_named_fields(tmp_path, capsys, examples):
+    model = tiny_model(examples, thought=None)
+    model.method = "nocot"
+    model.save(tmp_path / "model")
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"q": e.question, "a": int(e.answer)}) for e in examples[:5]) + "\n")
+    code = main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--question-field", "q",
+                 "--answer-field", "a", "--max-new-tokens", "4"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["examples"] == 5 and 0 <= summary["accuracy"] <= 1
+
+
+def test_eval_names_the_bad_line(tmp_path, capsys, examples):
+    model = tiny_model(examples, thought=None)
+    model.save(tmp_path / "model")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"q": "1+1?", "a": 2}\n{"q": "broken", "a": \n')
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--question-field", "q",
+                 "--answer-field", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err
+
+
+def test_eval_refuses_a_threshold_out_of_range(tmp_path, capsys, examples):
+    model = tiny_model(examples, shortcuts=True)
+    model.method = "system15"
+    model.save(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "a=1,b=2,c=a+b. c?", "answer": 3}\n')
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--lambda-depth", "1.5"]) == 2
+    assert "lambda-depth" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": 3}\n')
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "not a system15 model folder" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Impossible settings are refused by load_config before any work starts, with a message that
+names the source (file or overrides) and the key; the CLI turns them into exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from system15.cli import main
+from system15.config import ConfigError, load_config
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def refused(recipe_path, overrides=(), *must_name: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe_path, list(overrides))
+    message = str(err.value)
+    for part in must_name:
+        assert part in message, f"{part!r} not named in: {message}"
+    assert "\n" not in message
+    return message
+
+
+def test_demo_recipe_loads():
+    import yaml
+
+    config, raw = load_config(DEMO), yaml.safe_load(DEMO.read_text())
+    assert config.name == raw["name"] and config.stage("cot").steps == raw["stages"]["cot"]["steps"]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("shortcut:\n  lambda_depth: 1.5\n", "shortcut.lambda_depth"),
+    ("shortcut:\n  lambda_depth: -0.1\n", "shortcut.lambda_depth"),
+    ("eval:\n  sweep_depth: [0.3, 1.2]\n", "eval.sweep_depth"),
+    ("latent:\n  K: -1\n", "latent.K"),
+    ("backbone:\n  source: onnx\n", "backbone.source"),
+    ("backbone:\n  source: hf\n  path: /no/such/model/folder\n", "backbone.path"),
+    ("backbone:\n  source: hf\n", "backbone.path"),
+    ("shortcut:\n  lamda_depth: 0.5\n", "shortcut.lamda_depth"),
+    ("tsak:\n  name: synthetic\n", "config.tsak"),
+    ("stages:\n  cot: {stepz: 10}\n", "stages.cot.stepz"),
+    ("stages:\n  cot: {steps: 0}\n", "train.steps"),
+    ("stages:\n  cot: 5\n", "stages.cot"),
+    ("stages:\n  cto: {steps: 5}\n", "stages.cto"),
+    ("latent:\n  K: two\n", "latent.K"),
+    ("latent:\n  K: .nan\n", "latent.K"),
+    ("methods: cot\n", "methods"),
+    ("methods: [cot, sytem15]\n", "methods"),
+    ("task:\n  n_train: -5\n", "task.n_train"),
+    ("train:\n  steps: 10\n", "config.train"),
+])
+def test_impossible_value_in_file_names_file_and_key(tmp_path, text, key):
+    path = recipe(tmp_path, text)
+    refused(path, (), str(path), key)
+
+
+def test_unknown_key_suggests_the_known_one(tmp_path):
+    message = refused(recipe(tmp_path, "shortcut:\n  lamda_depth: 0.5\n"), (), "did you mean 'lambda_depth'")
+    assert "unknown setting" in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("shortcut.lambda_depth=1.5", "shortcut.lambda_depth"),
+    ("eval.sweep_depth=[0.5, 2]", "eval.sweep_depth"),
+    ("latent.K=-1", "latent.K"),
+    ("backbone.source=tpu", "backbone.source"),
+    ("latent.KK=3", "latent.KK"),
+])
+def test_impossible_override_names_overrides_and_key(override, key):
+    refused(None, [override], "overrides", key)
+    refused(DEMO, [override], str(DEMO), "overrides", key)
+
+
+def test_hf_source_with_missing_path_is_refused_before_loading(tmp_path):
+    missing = tmp_path / "not-here"
+    refused(None, ["backbone.source=hf", f"backbone.path={missing}"], "backbone.path", str(missing), "does not exist")
+
+
+def test_missing_recipe(tmp_path):
+    refused(tmp_path / "nope.yaml", (), str(tmp_path / "nope.yaml"), "not found")
+
+
+@pytest.mark.parametrize("text", ["latent:\n  K: [1\n", "a: b: c\n", "latent:\n\tK: 1\n"])
+def test_malformed_yaml_names_file_and_line(tmp_path, text):
+    refused(recipe(tmp_path, text), (), "recipe.yaml", "not valid YAML", "line ")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    refused(recipe(tmp_path, "- cot\n- latent\n"), (), "recipe.yaml", "mapping")
+
+
+def test_malformed_override():
+    refused(None, ["latent.K"], "latent.K", "key=value")
+    refused(None, ["latent.K=[1"], "latent.K=[1", "not valid YAML")
+
+
+def test_float_written_as_yaml_text_is_read_as_number(tmp_path):
+    """PyYAML reads `1e-3` as a string; a float field takes it as the number it means."""
+    config = load_config(recipe(tmp_path, "stages:\n  cot: {lr: 1e-3, steps: 7}\n"))
+    assert config.stage("cot").lr == pytest.approx(1e-3) and isinstance(config.stage("cot").lr, float)
+
+
+def test_saved_config_loads_back(tmp_path):
+    config = load_config(DEMO, ["latent.K=3"])
+    config.save(tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json").to_dict() == config.to_dict()
+
+
+# -- the CLI: exit code 2 and one line, before any work ------------------------------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--method", "cot", "--recipe", str(DEMO), "shortcut.lambda_depth=1.5"], "shortcut.lambda_depth"),
+    (["bench", "--recipe", str(DEMO), "latent.K=-1"], "latent.K"),
+    (["bench", "--recipe", "no/such/recipe.yaml"], "no/such/recipe.yaml"),
+    (["data", "--out", "unused.txt", "--recipe", str(DEMO), "backbone.source=hf", "backbone.path=/no/such"], "backbone.path"),
+    (["train", "--method", "cot", "--recipe", str(DEMO), "shortcut.lamda_depth=0.3"], "lamda_depth"),
+])
+def test_cli_reports_config_errors_with_exit_code_2(capsys, tmp_path, monkeypatch, argv, named):
+    monkeypatch.chdir(tmp_path)  # nothing may be written: a run would create runs/ here
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("system15: ") and named in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_malformed_recipe(capsys, tmp_path):
+    bad = recipe(tmp_path, "latent:\n  K: [1\n")
+    assert main(["bench", "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "not valid YAML" in err

@@ -1,0 +1,143 @@
+"""Inference engine: the hard choice really skips layers, and every policy behaves as documented."""
+
+import copy
+
+import pytest
+import torch
+
+from system15.engine import FULL, Route, decode_step, generate, prefill
+from system15.layout import encode, pad, prompt
+
+from conftest import tiny_model
+
+
+def randomise_routers(model, seed=0, spread=3.0):
+    """Untrained routers are closed; give them varied scores around 0.5 and non-zero adapters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.shortcuts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for layer in model.shortcuts.layers:
+            layer.router.net[-1].weight.copy_(torch.randn(layer.router.net[-1].weight.shape, generator=g) * spread)
+            layer.router.net[-1].bias.zero_()
+    return model
+
+
+def prompts_of(model, examples):
+    return [prompt(model.tokenizer, encode(model.tokenizer, e)) for e in examples]
+
+
+def test_threshold_one_equals_the_stage1_model(examples, family):
+    model = randomise_routers(tiny_model(examples, family, shortcuts=True))
+    stage1 = copy.deepcopy(model)
+    stage1.shortcuts = None
+    prompts = prompts_of(model, examples[:6])
+    ours = generate(model, prompts, K=2, route=Route("hard", 1.0), max_new_tokens=8)
+    ref = generate(stage1, prompts, K=2, max_new_tokens=8)
+    assert [g.tokens for g in ours] == [g.tokens for g in ref]
+    assert all(all(all(step) for step in g.ran) for g in ours)  # every layer ran
+    # and the states themselves are identical, not just the argmax
+    ids, visible = pad(prompts, model.tokenizer.pad_id, left=True)
+    with torch.no_grad():
+        a = prefill(model, ids, visible)
+        b = prefill(stage1, ids, visible)
+        x = model.thought_input(0, a[1])
+        ra = decode_step(model, x, a[3], a[0], a[2], Route("hard", 1.0))
+        rb = decode_step(stage1, x, b[3], b[0], b[2], FULL)
+    assert torch.equal(ra.hidden, rb.hidden)
+
+
+def count_layer_calls(model):
+    calls = {"attention": 0, "mlp": 0}
+    hooks = []
+    for block in model.backbone.layers:
+        attn = block.attn if model.backbone.family == "gpt2" else block.self_attn
+        hooks.append(attn.register_forward_hook(lambda *a: calls.__setitem__("attention", calls["attention"] + 1)))
+        hooks.append(block.mlp.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1)))
+    return calls, hooks
+
+
+def test_threshold_zero_runs_no_attention_or_mlp_while_decoding(examples, family):
+    model = randomise_routers(tiny_model(examples, family, shortcuts=True))
+    calls, hooks = count_layer_calls(model)
+    gens = generate(model, prompts_of(model, examples[:4]), K=2, route=Route("hard", 0.0), max_new_tokens=6)
+    for h in hooks:
+        h.remove()
+    layers = model.num_layers
+    assert calls == {"attention": layers, "mlp": layers}  # the prompt prefill only
+    assert all(not any(step) for g in gens for step in g.ran)
+    assert all(g.decoding_steps >= 3 for g in gens)
+
+
+def test_fill_writes_the_layers_own_kv_and_skip_hides_the_position(examples, family):
+    model = randomise_routers(tiny_model(examples, family, shortcuts=True))
+    ids, visible = pad(prompts_of(model, examples[:3]), model.tokenizer.pad_id, left=True)
+    with torch.no_grad():
+        results = {}
+        for policy in ("fill", "skip"):
+            cache, last, prev, pos = prefill(model, ids, visible)
+            x = model.thought_input(0, last)
+            h_in = model.backbone.layer_input(x[:, None], pos[:, None])
+            step = decode_step(model, x, pos, cache, prev, Route("hard", 0.0, policy))  # every layer skipped
+            results[policy] = (cache, step, h_in, pos)
+        cache, _, h_in, pos = results["fill"]
+        ctx = model.backbone.context(h_in, pos[:, None], cache)
+        k0, v0 = model.backbone.layer_kv(0, h_in, ctx)
+        assert torch.allclose(cache.keys[0][:, :, -1:], k0) and torch.allclose(cache.values[0][:, :, -1:], v0)
+        assert all(h is None for h in cache.hidden)
+        assert bool(cache.visible_to(1)[:, -1].all())
+        cache_s = results["skip"][0]
+        for layer in range(model.num_layers):
+            assert not bool(cache_s.visible_to(layer)[:, -1].any())  # hidden from every layer it skipped
+            assert bool(cache_s.visible_to(layer)[:, :-1].eq(cache_s.visible[:, :-1]).all())
+
+        def next_step(cache, step, poke):
+            c = cache.fork()
+            if poke:  # change what was stored for the skipped position
+                c.keys = [k.clone() for k in c.keys]
+                for k in c.keys:
+                    k[:, :, -1] += 5.0
+            return decode_step(model, model.thought_input(1, step.hidden), pos + 1, c, step.layers, FULL).hidden
+
+        _, step_s, _, _ = results["skip"]
+        assert torch.equal(next_step(cache_s, step_s, False), next_step(cache_s, step_s, True))  # invisible
+        _, step_f, _, _ = results["fill"]
+        assert not torch.allclose(next_step(cache, step_f, False), next_step(cache, step_f, True))  # attended
+
+
+def test_soft_mix_with_closed_router_equals_full_layer(examples, family):
+    model = tiny_model(examples, family, shortcuts=True)
+    with torch.no_grad():
+        for layer in model.shortcuts.layers:
+            layer.router.net[-1].bias.fill_(-1e4)  # w = sigmoid(-1e4) = 0 exactly
+            layer.vertical.up.weight.normal_()
+    ids, visible = pad(prompts_of(model, examples[:3]), model.tokenizer.pad_id, left=True)
+    with torch.no_grad():
+        outs = []
+        for route in (FULL, Route("soft")):
+            cache, last, prev, pos = prefill(model, ids, visible)
+            outs.append(decode_step(model, model.thought_input(0, last), pos, cache, prev, route))
+    assert torch.equal(outs[0].hidden, outs[1].hidden)
+    assert outs[1].weights.abs().max() == 0
+
+
+def test_batched_and_one_at_a_time_give_the_same_answers(examples, family):
+    model = randomise_routers(tiny_model(examples, family, shortcuts=True), seed=3)
+    prompts = prompts_of(model, examples[:8])
+    route = Route("hard", 0.5)
+    batched = generate(model, prompts, K=2, route=route, max_new_tokens=8)
+    single = [generate(model, [p], K=2, route=route, max_new_tokens=8)[0] for p in prompts]
+    assert [g.tokens for g in batched] == [g.tokens for g in single]
+    assert [g.ran for g in batched] == [g.ran for g in single]
+    mixed = {r for g in batched for step in g.ran for r in step}
+    assert mixed == {True, False}, "the routers should both run and skip layers in this case"
+
+
+@pytest.mark.parametrize("policy", ["fill", "skip"])
+def test_flops_fall_when_layers_are_skipped(examples, policy):
+    model = randomise_routers(tiny_model(examples, "gpt2", shortcuts=True))
+    prompts = prompts_of(model, examples[:4])
+    full = generate(model, prompts, K=2, route=Route("hard", 1.0, policy), max_new_tokens=4)
+    skip = generate(model, prompts, K=2, route=Route("hard", 0.0, policy), max_new_tokens=4)
+    per_step = lambda gens: sum(g.flops for g in gens) / sum(len(g.ran) for g in gens)
+    assert per_step(skip) < per_step(full) / 3

@@ -1,0 +1,103 @@
+"""Stage 1: the latent step feeds P(h_L) back, teacher and student share weights, alignment."""
+
+import torch
+
+from system15.engine import generate
+from system15.layout import encode, pad, prompt
+from system15.train.objective import thought_forward
+from system15.train.stage1 import LatentDistillation, codi_alignment, segment_alignment
+
+from conftest import tiny_config, tiny_model
+
+
+def encoded(model, examples):
+    return [encode(model.tokenizer, e) for e in examples]
+
+
+def test_changing_P_changes_the_latent_path_but_not_answer_only(examples):
+    model = tiny_model(examples)
+    batch = LatentDistillation(tiny_config()).collate(model, encoded(model, examples[:4]))["student"]
+    with torch.no_grad():
+        before = thought_forward(model, batch, K=2).nll
+        nocot_before = thought_forward(model, batch, K=0).nll
+        model.projection.net[2].weight.normal_()
+        model.projection.net[2].bias.normal_()
+        after = thought_forward(model, batch, K=2).nll
+        nocot_after = thought_forward(model, batch, K=0).nll
+    assert not torch.equal(before, after)
+    assert torch.equal(nocot_before, nocot_after)
+
+
+def test_latent_step_input_is_P_of_the_previous_last_hidden_state(examples):
+    model = tiny_model(examples)
+    seen = []
+    model.projection.register_forward_hook(lambda mod, args, out: seen.append((args[0].clone(), out.clone())))
+    prompts = [prompt(model.tokenizer, e) for e in encoded(model, examples[:2])]
+    generate(model, prompts, K=3, max_new_tokens=2)
+    assert len(seen) == 3  # one P call per latent step
+    from system15.engine import prefill
+
+    ids, visible = pad(prompts, model.tokenizer.pad_id, left=True)
+    with torch.no_grad():
+        _, last, _, _ = prefill(model, ids, visible)
+    assert torch.allclose(seen[0][0], last)  # step 1 reads P(h_L at <bot>)
+
+
+def test_teacher_and_student_share_parameters(examples):
+    model = tiny_model(examples)
+    obj = LatentDistillation(tiny_config())
+    obj.prepare(model)
+    batch = obj.collate(model, encoded(model, examples[:4]))
+    _, metrics = obj.loss(model, batch)
+    from system15.train.objective import sequence_forward
+
+    grads = {}
+    for name, fn in (("teacher", lambda: sequence_forward(model, batch["teacher"])[0]),
+                     ("student", lambda: thought_forward(model, batch["student"], 2).nll)):
+        model.zero_grad()
+        fn().backward()
+        grads[name] = model.backbone.layers[0].mlp.c_fc.weight.grad.clone()
+    assert grads["teacher"].abs().sum() > 0 and grads["student"].abs().sum() > 0
+    assert not torch.equal(grads["teacher"], grads["student"])  # one tensor, two sources of gradient
+    assert set(metrics) == {"teacher_nll", "student_nll", "align"}
+
+
+class _Step:
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+def test_alignment_is_zero_when_states_coincide():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(3, 9, 16, generator=g)
+    pos = torch.tensor([[2, 5], [3, -1], [4, 8]])
+    thoughts = [_Step(teacher[torch.arange(3), pos[:, k].clamp(min=0)].clone()) for k in range(2)]
+    assert segment_alignment(teacher, thoughts, pos) == 0
+    thoughts[0].hidden[0] += 1.0
+    assert segment_alignment(teacher, thoughts, pos) > 0
+    layers = [torch.randn(3, 9, 16, generator=g) for _ in range(3)]
+    before = torch.tensor([4, 6, 7])
+    assert codi_alignment(layers, layers, before, before) == 0
+    assert codi_alignment(layers, [l + 0.1 for l in layers], before, before) > 0
+
+
+def test_K_zero_is_answer_only_decoding(examples, family):
+    """generate(K=0) equals greedy decoding of `question <bot> <eot>` by full recomputation."""
+    from system15.backbone import positions_from_mask
+
+    model = tiny_model(examples, family)
+    tok = model.tokenizer
+    for e in encoded(model, examples[:3]):
+        gen = generate(model, [prompt(tok, e)], K=0, max_new_tokens=6)[0]
+        seq = prompt(tok, e) + [tok.eot_id]
+        ref = []
+        with torch.no_grad():
+            for _ in range(len(gen.tokens)):
+                ids = torch.tensor([seq])
+                vis = torch.ones_like(ids, dtype=torch.bool)
+                final, _ = model.backbone.forward_full(model.backbone.embed(ids), positions_from_mask(vis), vis)
+                nxt = int(model.backbone.head(final[0, -1]).argmax())
+                ref.append(nxt)
+                seq.append(nxt)
+        assert gen.tokens == ref
+        assert gen.thought_steps == 0 and gen.decoding_steps == len(gen.tokens)

@@ -1,0 +1,71 @@
+"""The whole ladder, in miniature: every rung trains, the table and figures are written."""
+
+import json
+import math
+
+import pytest
+
+from system15.config import METHODS
+from system15.pipeline import load_splits, run_ladder, train_rung
+
+from conftest import tiny_config
+
+TINY = {"task.n_train": 200, "task.n_valid": 8, "task.n_test": 12, "task.n_steps": 3, "task.max_new_tokens": 12,
+        "eval.timing_examples": 4, "eval.timing_batch_sizes": "[1,4]", "eval.batch_size": 12,
+        "eval.sweep_depth": "[0.5,0.9]", "eval.sweep_step": "[1,2]", "latent.compare_align": "true",
+        "latent.coconut_stages": 2, **{f"stages.{m}": "{steps: 4, batch_size: 8, eval_every: 4, warmup: 1}" for m in METHODS}}
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ladder")
+    config = tiny_config(name="tiny", **TINY)
+    summary = run_ladder(config, runs_root=root / "runs", results_root=root / "results", command="pytest")
+    return root, config, summary
+
+
+def test_summary_has_every_method_and_finite_numbers(ladder):
+    root, _, summary = ladder
+    on_disk = json.loads((root / "results" / "tiny" / "summary.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
+    assert {"task", "backbone", "device", "command", "rows"} <= set(on_disk)
+    assert [r["method"] for r in on_disk["rows"]] == list(METHODS)
+    for row in on_disk["rows"]:
+        for key in ("accuracy", "decoding_steps", "flops_per_step", "latency_ms", "speedup_vs_cot"):
+            assert math.isfinite(row[key]), (row["method"], key)
+        assert 0.0 <= row["accuracy"] <= 1.0
+    s15 = next(r for r in on_disk["rows"] if r["method"] == "system15")
+    for key in ("flops_reduction_vs_latent", "skip_frac_critical", "skip_frac_noncritical",
+                "speedup_vs_cot_b4", "latency_vs_nocot"):
+        assert math.isfinite(s15[key]), key
+    assert set(on_disk["stage1_align"]) == {"segment", "codi", "chosen"}
+
+
+def test_markdown_and_figures_are_written(ladder):
+    root, _, summary = ladder
+    out = root / "results" / "tiny"
+    table = (out / "summary.md").read_text()
+    assert "| system15 |" in table and "| cot |" in table
+    for name in ("sweep_heatmap.png", "pareto.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(summary["sweep"]) == 4
+
+
+def test_decoding_steps_follow_the_method(ladder):
+    _, config, summary = ladder
+    rows = {r["method"]: r for r in summary["rows"]}
+    K = config.latent.K
+    # thought methods decode K thoughts plus the answer; No-CoT only the answer
+    assert rows["latent"]["decoding_steps"] >= K + 1
+    assert rows["nocot"]["decoding_steps"] < rows["latent"]["decoding_steps"] or rows["latent"]["decoding_steps"] == K + 1
+
+
+def test_a_finished_rung_is_loaded_not_retrained(ladder):
+    root, config, _ = ladder
+    runs = root / "runs" / "tiny"
+    stamps = {m: (runs / m / "done.json").stat().st_mtime_ns for m in ("cot", "system15")}
+    splits = load_splits(config)
+    for method in stamps:
+        model = train_rung(config, method, splits, runs)
+        assert model.method == method and (model.shortcuts is not None) == (method == "system15")
+    assert stamps == {m: (runs / m / "done.json").stat().st_mtime_ns for m in stamps}
