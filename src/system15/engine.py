@@ -52,9 +52,17 @@ def prefill(model, ids: torch.Tensor, visible: torch.Tensor):
 def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, ctx, cache, bias, route):
     """One layer under the hard choice: f_l only on the rows whose score is <= lambda."""
     skip = w[:, 0, 0] > route.lambda_depth
-    if not bool(skip.any()):
+    n_skip = int(skip.sum())
+    if n_skip == 0:
         out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
         return out, k, v, ~skip, None
+    if n_skip == h.shape[0]:  # every row skips (always so at batch 1): no gather/scatter
+        out = sc.branch(h, h_prev[:, None])
+        if route.kv_policy == "fill":
+            k, v = bb.layer_kv(layer, h, ctx)
+            return out, k, v, ~skip, None
+        k = torch.zeros_like(cache.keys[layer][:, :, :1])
+        return out, k, torch.zeros_like(k), ~skip, skip[:, None]
     run_rows = (~skip).nonzero(as_tuple=True)[0]
     skip_rows = skip.nonzero(as_tuple=True)[0]
     out = torch.empty_like(h)
@@ -63,15 +71,11 @@ def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, ctx, cache, bias, route):
         k_skip, v_skip = bb.layer_kv(layer, h[skip_rows], ctx.rows(skip_rows))
     else:
         k_skip = v_skip = None
-    if run_rows.numel() == 0 and k_skip is not None:
-        return out, k_skip, v_skip, ~skip, None
-    template = cache.keys[layer]
-    shape = (h.shape[0], template.shape[1], 1, template.shape[3])
-    k = torch.zeros(shape, dtype=template.dtype, device=h.device)
+    out_run, k_run, v_run = bb.run_layer(layer, h[run_rows], ctx.rows(run_rows), cache, rows=run_rows, bias=bias[run_rows])
+    out[run_rows] = out_run
+    k = k_run.new_zeros((h.shape[0], *k_run.shape[1:]))
     v = torch.zeros_like(k)
-    if run_rows.numel():
-        out_run, k_run, v_run = bb.run_layer(layer, h[run_rows], ctx.rows(run_rows), cache, rows=run_rows, bias=bias[run_rows])
-        out[run_rows], k[run_rows], v[run_rows] = out_run, k_run, v_run
+    k[run_rows], v[run_rows] = k_run, v_run
     if k_skip is not None:
         k[skip_rows], v[skip_rows] = k_skip, v_skip
     hidden = None if route.kv_policy == "fill" else skip[:, None]
@@ -139,9 +143,11 @@ class _Ledger:
         c = self.counter
         ran = res.ran.cpu().tolist()
         context = cache.visible.sum(1).cpu().tolist()
+        live = active.tolist()
+        emitted = None if emitted is None else emitted.tolist()
         fill = self.route.kv_policy == "fill"
         for row, gen in enumerate(self.gens):
-            if not bool(active[row]):
+            if not live[row]:
                 continue
             flops = self.thought_flops if thought else 0
             for layer_ran in ran[row]:
@@ -149,23 +155,24 @@ class _Ledger:
                 flops += c.router() if self.routed else 0
             gen.flops += flops
             gen.ran.append(ran[row])
-            gen.emitted.append(None if emitted is None else int(emitted[row]))
+            gen.emitted.append(None if emitted is None else emitted[row])
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, K: int | None, route: Route = FULL,
-             max_new_tokens: int = 64) -> list[Generation]:
+             max_new_tokens: int = 64, account: bool = True) -> list[Generation]:
     """Greedy decoding for a batch of prompts (`question <bot>` ids).
 
     K=None: token mode (CoT): the model writes its own chain. K >= 0: K thought steps, then
-    `<eot>` is fed and the answer decoded; K=0 is answer-only (No-CoT)."""
+    `<eot>` is fed and the answer decoded; K=0 is answer-only (No-CoT). account=False skips
+    the per-step FLOP and routing bookkeeping (latency runs time the model, not the ledger)."""
     tok = model.tokenizer
     device = next(model.parameters()).device
     ids, visible = pad(prompts, tok.pad_id, left=True)
     ids, visible = ids.to(device), visible.to(device)
     batch = len(prompts)
     gens = [Generation([], K or 0) for _ in range(batch)]
-    ledger = _Ledger(model, gens, route)
+    ledger = _Ledger(model, gens, route) if account else None
     cache, last, prev, positions = prefill(model, ids, visible)
     active = torch.ones(batch, dtype=torch.bool, device=device)
 
@@ -175,22 +182,25 @@ def generate(model, prompts: list[list[int]], *, K: int | None, route: Route = F
         last, prev, positions = res.hidden, res.layers, positions + 1
         return res
 
+    def record(res, emitted, thought):
+        if ledger is not None:
+            ledger.record(res, cache, active, emitted, thought)
+
     for k in range(K or 0):
-        res = step(model.thought_input(k, last))
-        ledger.record(res, cache, active, None, thought=True)
+        record(step(model.thought_input(k, last)), None, thought=True)
     if K is not None:
         res = step(model.backbone.embed(torch.full((batch,), tok.eot_id, device=device)))
     nxt = model.backbone.head(last).argmax(-1)
     if K is not None:
-        ledger.record(res, cache, active, nxt, thought=False)
+        record(res, nxt, thought=False)
     for produced in range(1, max_new_tokens + 1):
-        for row in range(batch):
-            if active[row]:
-                gens[row].tokens.append(int(nxt[row]))
+        for gen, token, live in zip(gens, nxt.tolist(), active.tolist()):
+            if live:
+                gen.tokens.append(token)
         active = active & (nxt != tok.eos_id)
         if not bool(active.any()) or produced == max_new_tokens:
             break
         res = step(model.backbone.embed(nxt))
         nxt = model.backbone.head(last).argmax(-1)
-        ledger.record(res, cache, active, nxt, thought=False)
+        record(res, nxt, thought=False)
     return gens

@@ -97,13 +97,14 @@ def measure_latency(model, examples: list[Example], *, K: int | None, route: Rou
     model.eval()
     tok = model.tokenizer
     prompts = [prompt(tok, encode(tok, ex)) for ex in examples]
-    generate(model, prompts[:batch_size], K=K, route=route, max_new_tokens=max_new_tokens)
+    generate(model, prompts[:batch_size], K=K, route=route, max_new_tokens=max_new_tokens, account=False)
     best = float("inf")
     for _ in range(repeats):
         _sync()
         began = time.perf_counter()
         for start in range(0, len(prompts), batch_size):
-            generate(model, prompts[start:start + batch_size], K=K, route=route, max_new_tokens=max_new_tokens)
+            generate(model, prompts[start:start + batch_size], K=K, route=route, max_new_tokens=max_new_tokens,
+                     account=False)
         _sync()
         best = min(best, time.perf_counter() - began)
     return 1000 * best / len(prompts)
