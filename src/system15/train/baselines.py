@@ -41,7 +41,14 @@ class Coconut(Objective):
         return self.c * self.stages
 
     def on_step(self, step, total):
-        self.stage = min(self.stages, 1 + step * self.stages // max(total, 1))
+        self.stage = self._stage_at(step, total)
+
+    def _stage_at(self, step, total):
+        return min(self.stages, 1 + step * self.stages // max(total, 1))
+
+    def selectable(self, step, total):
+        """Only a model that has finished the curriculum (all steps replaced) is Coconut."""
+        return self._stage_at(step - 1, total) == self.stages
 
     def _tail(self, e):
         remaining = [] if self.stage >= self.stages else [i for step in e.steps[self.stage:] for i in step]

@@ -189,7 +189,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         if validate is not None:
             score = validate(model)
             log({"step": step, "valid_accuracy": score})
-            if score > state["best"]:
+            if score > state["best"] and objective.selectable(step, cfg.steps):
                 state.update(best=score, best_step=step)
                 if main:
                     write_atomic(run_dir / "best", model.save)

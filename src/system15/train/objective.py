@@ -32,6 +32,10 @@ class Objective:
     def on_step(self, step: int, total: int) -> None:
         """Hook for curricula (Coconut)."""
 
+    def selectable(self, step: int, total: int) -> bool:
+        """May the model at `step` be kept as best? (A curriculum: only in its final stage.)"""
+        return True
+
     def collate(self, model, examples: list[Encoded]) -> dict:
         raise NotImplementedError
 
