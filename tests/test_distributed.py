@@ -44,10 +44,22 @@ def accelerate_launch(*program: str) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *program]
 
 
+NETWORK_FLAKES = ("address already in use", "eaddrinuse", "distnetworkerror", "rendezvous", "connection reset",
+                  "connection refused")
+
+
 def run_launch(command: list[str], timeout: int, cwd: Path | None = None) -> None:
+    """Run an `accelerate launch`; a port race in the rendezvous (free_port() hands out a port
+    that another process may grab first) earns one retry on a fresh port, nothing else does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for attempt in range(2):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        output = proc.stdout[-3000:] + proc.stderr[-3000:]
+        if proc.returncode == 0 or attempt or not any(f in output.lower() for f in NETWORK_FLAKES):
+            break
+        port = command.index("--main_process_port") + 1
+        command = [*command[:port], str(free_port()), *command[port + 1:]]
+    assert proc.returncode == 0, output
 
 
 def launch(out: Path, steps: int, batch: int, timeout: int) -> Path:

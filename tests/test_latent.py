@@ -101,3 +101,20 @@ def test_K_zero_is_answer_only_decoding(examples, family):
                 seq.append(nxt)
         assert gen.tokens == ref
         assert gen.thought_steps == 0 and gen.decoding_steps == len(gen.tokens)
+
+
+def test_warm_start_replaces_segments_one_at_a_time(examples):
+    model = tiny_model(examples)
+    obj = LatentDistillation(tiny_config(**{"latent.K": 2, "latent.warm_start": 0.5, "latent.probe": 1.0}))
+    enc = encoded(model, examples[:4])
+    obj.on_step(0, 10)
+    warm = obj.collate(model, enc)
+    obj.on_step(5, 10)
+    full = obj.collate(model, enc)
+    assert warm["K"] == 1 and full["K"] == 2
+    assert len(warm["probes"]) == 1 and len(full["probes"]) == 2
+    assert int(warm["student"]["tail_visible"].sum()) > int(full["student"]["tail_visible"].sum())
+    assert bool((warm["segment_pos"][:, 1] == -1).all())
+    assert not obj.selectable(5, 10) and obj.selectable(6, 10)
+    loss, metrics = obj.loss(model, warm)
+    assert torch.isfinite(loss) and set(metrics) >= {"probe_nll", "align"}

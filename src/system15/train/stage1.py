@@ -29,27 +29,49 @@ class LatentDistillation(Objective):
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
         self.probe = config.latent.probe
+        self.warm_start = config.latent.warm_start
+        self.active = self.K  # latent steps in use; fewer during the warm start
 
     def eval_K(self, config):
         return self.K
+
+    def _active_at(self, step: int, total: int) -> int:
+        """Warm start (Coconut-style): over the first `warm_start` of training, latent steps
+        replace the CoT segments one at a time (1, 2, ... K-1); the rest are written as text."""
+        warm = int(self.warm_start * total)
+        if self.K <= 1 or step >= warm:
+            return self.K
+        return 1 + step * (self.K - 1) // max(warm, 1)
+
+    def on_step(self, step, total):
+        self.active = self._active_at(step, total)
+
+    def selectable(self, step, total):
+        return self._active_at(step - 1, total) == self.K
+
+    def _remaining(self, e) -> list[int]:
+        """Chain ids of the segments not yet replaced by latent steps."""
+        first = self.active * len(e.steps) // self.K
+        return [i for step in e.steps[first:] for i in step]
 
     def collate(self, model, examples):
         tok = model.tokenizer
         teacher_pairs = [(prompt(tok, e), cot_target(tok, e)) for e in examples]
         ids, visible, labels = sequence_batch(teacher_pairs, tok.pad_id)
-        student = thought_batch(model, examples, [e.answer for e in examples])
+        student = thought_batch(model, examples, [self._remaining(e) + e.answer for e in examples])
         seg = torch.full((len(examples), self.K), -1, dtype=torch.long)
         for row, e in enumerate(examples):
-            for k, end in enumerate(segment_ends(e, self.K)):
+            for k, end in enumerate(segment_ends(e, self.K)[: self.active]):
                 if end is not None:
                     seg[row, k] = len(e.question) + 1 + end
         # the last marker id predicts the answer's first digit: that is "the position before the answer"
         teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples])
-        student_before = torch.tensor([e.marker for e in examples])
+        student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in examples])
         batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "student": student,
-                 "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before}
+                 "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before,
+                 "K": self.active}
         if self.probe:
-            batch["probes"] = [self._probe_batch(tok, examples, k) for k in range(self.K)]
+            batch["probes"] = [self._probe_batch(tok, examples, k) for k in range(self.active)]
         return batch
 
     def _probe_batch(self, tok, examples, k):
@@ -65,7 +87,7 @@ class LatentDistillation(Objective):
     def loss(self, model, batch):
         codi = self.rule == "codi"
         t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=codi)
-        student = thought_forward(model, batch["student"], self.K, keep_layers=codi)
+        student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi)
         if codi:
             align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"])
         else:
