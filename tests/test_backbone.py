@@ -25,22 +25,24 @@ def padded_batch():
     return ids, visible, positions_from_mask(visible)
 
 
-@torch.no_grad()
-def test_loop_equals_hf_forward(family):
+def hf_reference(family):
+    """A tiny HF model, our Backbone over it, a padded batch, and HF's own logits for it."""
     lm = hf_model(family)
-    bb = Backbone(lm)
     ids, visible, pos = padded_batch()
     ref = lm(input_ids=ids, attention_mask=visible.long(), position_ids=pos).logits
+    return Backbone(lm), ids, visible, pos, ref
+
+
+@torch.no_grad()
+def test_loop_equals_hf_forward(family):
+    bb, ids, visible, pos, ref = hf_reference(family)
     final, _ = bb.forward_full(bb.embed(ids), pos, visible)
     assert (bb.head(final) - ref)[visible].abs().max() <= 1e-4
 
 
 @torch.no_grad()
 def test_loop_with_kv_cache_equals_hf_forward(family):
-    lm = hf_model(family)
-    bb = Backbone(lm)
-    ids, visible, pos = padded_batch()
-    ref = lm(input_ids=ids, attention_mask=visible.long(), position_ids=pos).logits
+    bb, ids, visible, pos, ref = hf_reference(family)
     cache = KVCache.empty(bb.num_layers)
     outs = [bb.head(bb.forward_full(bb.embed(ids[:, :7]), pos[:, :7], visible[:, :7], cache)[0])]
     for t in range(7, 11):

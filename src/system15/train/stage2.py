@@ -15,12 +15,11 @@ non-critical steps, low and shrinking with depth for critical ones.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..engine import Route, decode_step, prefill
-from ..layout import IGNORE, answer_critical, thought_critical
+from ..layout import answer_critical, thought_critical
 from ..shortcuts import compute_cost_weights
-from .objective import Objective, thought_batch
+from .objective import Objective, example_nll, thought_batch
 
 SOFT = Route(mode="soft")
 
@@ -64,9 +63,7 @@ class ShortcutDistillation(Objective):
         step_valid = torch.cat([thoughts, batch["tail_visible"]], dim=1)  # [B, K + T_tail]
         mse = torch.stack([(m - f).pow(2).mean(-1) for m, f in zip(mix_layers, full_layers)], -1)  # [B, T, L]
         mse = (mse.sum(-1) * step_valid).sum(1).mean()
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-        mask = labels != IGNORE
-        nll = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        nll = example_nll(logits, labels)
         e = compute_cost_weights(batch["critical"], model.num_layers, self.sc.cost_noncritical, self.sc.cost_critical)
         cost = ((e * (1 - weights)).sum(-1) * step_valid).sum(1).mean()
         loss = mse + self.sc.beta * nll + self.sc.mu * cost
