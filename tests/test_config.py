@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from system15.cli import main
-from system15.config import ConfigError, load_config
+from system15.config import ConfigError, load_ablation, load_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -73,6 +73,7 @@ def test_unknown_key_suggests_the_known_one(tmp_path):
     ("latent.K=-1", "latent.K"),
     ("backbone.source=tpu", "backbone.source"),
     ("latent.KK=3", "latent.KK"),
+    ("latent.probe_results=first", "latent.probe_results"),
 ])
 def test_impossible_override_names_overrides_and_key(override, key):
     refused(None, [override], "overrides", key)
@@ -136,3 +137,28 @@ def test_cli_malformed_recipe(capsys, tmp_path):
     assert main(["bench", "--recipe", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err and "not valid YAML" in err
+
+
+ABLATION = "name: levers\nrecipe: r.yaml\nmethod: latent\nvariants:\n"
+
+
+@pytest.mark.parametrize("text,named", [
+    (ABLATION + "  ok: []\nvarints: {}\n", "varints: unknown key (did you mean 'variants'?)"),
+    (ABLATION + "  fast: [stages.latent.lr=-1]\n", "variants.fast"),
+    (ABLATION + "  fast: stages.latent.lr=1\n", "variants.fast: expected a list"),
+    (ABLATION + "  harder: [task.n_steps=5]\n", "variants.harder: variants may not change task"),
+    ("name: levers\nrecipe: r.yaml\nmethod: latentt\nvariants: {a: []}\n", "method: unknown method"),
+    ("name: levers\nrecipe: r.yaml\nmethod: latent\n", "variants: missing"),
+])
+def test_ablation_file_errors_name_the_file_and_key(tmp_path, text, named):
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    (tmp_path / "a.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_ablation(tmp_path / "a.yaml")
+    assert str(tmp_path / "a.yaml") in str(err.value) and named in str(err.value)
+
+
+def test_shipped_ablation_files_load():
+    for path in sorted((DEMO.parent / "ablations").glob("*.yaml")):
+        ablation = load_ablation(path)
+        assert ablation.variants and all(ablation.config(v) for v in ablation.variants)

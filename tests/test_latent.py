@@ -5,7 +5,7 @@ import torch
 from system15.engine import generate
 from system15.layout import encode, pad, prompt
 from system15.train.objective import thought_forward
-from system15.train.stage1 import LatentDistillation, codi_alignment, segment_alignment
+from system15.train.stage1 import LatentDistillation, codi_alignment, probe_readout, segment_alignment
 
 from conftest import tiny_config, tiny_model
 
@@ -118,3 +118,45 @@ def test_warm_start_replaces_segments_one_at_a_time(examples):
     assert not obj.selectable(5, 10) and obj.selectable(6, 10)
     loss, metrics = obj.loss(model, warm)
     assert torch.isfinite(loss) and set(metrics) >= {"probe_nll", "align"}
+
+
+def test_probe_targets_every_segment_result_or_only_the_last(examples):
+    model = tiny_model(examples)
+    tok = model.tokenizer
+    enc = encoded(model, examples[:4])  # 3-step chains: with K=1 one segment holds all three results
+    targets = {}
+    for which in ("all", "last"):
+        obj = LatentDistillation(tiny_config(**{"latent.K": 1, "latent.probe": 1.0, "latent.probe_results": which}))
+        (probe,) = obj.collate(model, enc)["probes"]
+        targets[which] = [tok.decode([t for t in row.tolist() if t >= 0]) for row in probe["labels"]]
+    for e, every, last in zip(enc, targets["all"], targets["last"]):
+        assert every.split() == ["####", *e.results] and last.split() == ["####", e.results[-1]]
+
+
+def scripted_head(model, scripts):
+    """Replace the head: call i emits token scripts[row][i] for every row (one-hot logits)."""
+    vocab, calls = len(model.tokenizer), [0]
+
+    def head(h):
+        i = calls[0]
+        calls[0] += 1
+        logits = torch.zeros(h.shape[0], vocab)
+        for row, script in enumerate(scripts):
+            logits[row, script[min(i, len(script) - 1)]] = 1.0
+        return logits
+    return head
+
+
+def test_probe_readout_scores_the_first_result_of_each_segment(examples):
+    model = tiny_model(examples)
+    tok, enc = model.tokenizer, encoded(model, examples[:3])  # 3-step chains, K=2: segments [r1] and [r2, r3]
+
+    def says(number):  # what one probe branch writes: max_tokens=6 ids
+        ids = tok.encode(f"#### {number}")
+        return ids + tok.encode(" ") * (6 - len(ids))
+
+    for right, expected in ((True, [1.0, 1.0]), (False, [0.0, 0.0])):
+        model.backbone.head = scripted_head(model, [
+            says(e.results[0]) + says(e.results[1]) if right else says("9" + e.results[0]) + says(e.results[2] + "9")
+            for e in enc])
+        assert probe_readout(model, enc, K=2) == expected

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from system15.config import METHODS
-from system15.pipeline import load_splits, run_ladder, train_rung
+from system15.config import load_ablation
+from system15.pipeline import load_splits, run_ablation, run_ladder, train_rung
 
 from conftest import tiny_config
 
@@ -41,6 +42,18 @@ def test_summary_has_every_method_and_finite_numbers(ladder):
     assert set(on_disk["stage1_align"]) == {"segment", "codi", "chosen"}
 
 
+def test_system15_latency_is_taken_apart(ladder):
+    root, config, summary = ladder
+    parts = summary["system15_latency_parts"]
+    for key in ("prefill_us", "full_layer_us", "router_us", "adapters_us", "kv_fill_us", "step_outside_layers_us"):
+        assert 0 < parts[key] < 1e6, key
+    s15 = next(r for r in summary["rows"] if r["method"] == "system15")
+    assert parts["forwards_per_example"] == s15["forwards_per_example"] >= config.latent.K + 1
+    assert 0 <= parts["layers_run_per_example"] <= parts["forwards_per_example"] * config.backbone.n_layer
+    assert parts["rebuilt_ms"] > 0 and parts["measured_ms"] == s15["latency_ms"]
+    assert "rebuilt from its parts" in (root / "results" / "tiny" / "summary.md").read_text()
+
+
 def test_markdown_and_figures_are_written(ladder):
     root, _, summary = ladder
     out = root / "results" / "tiny"
@@ -71,3 +84,26 @@ def test_a_finished_rung_is_loaded_not_retrained(ladder):
         model = train_rung(config, method, splits, runs)
         assert model.method == method and (model.shortcuts is not None) == (method == "system15")
     assert stamps == {m: (runs / m / "done.json").stat().st_mtime_ns for m in stamps}
+
+
+def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladder):
+    root, config, _ = ladder
+    recipe = root / "tiny.json"
+    config.save(recipe)
+    (root / "levers.yaml").write_text(
+        "name: levers\nrecipe: tiny.json\nmethod: latent\nreference: [nocot]\n"
+        "variants:\n  segment: []\n  K=1: [latent.K=1]\n")
+    runs = root / "runs" / "tiny"
+    reused = (runs / "latent-segment" / "done.json").stat().st_mtime_ns
+    summary = run_ablation(load_ablation(root / "levers.yaml"), runs_root=root / "runs", results_root=root / "results")
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert list(rows) == ["cot", "nocot", "latent: segment", "latent: K=1"]
+    assert (runs / "latent-segment" / "done.json").stat().st_mtime_ns == reused  # same name as the ladder's rung
+    assert (runs / "latent-K_1" / "done.json").is_file()
+    assert rows["cot"]["speedup_vs_cot"] == 1.0
+    assert rows["latent: K=1"]["overrides"] == ["latent.K=1"]
+    budget = config.task.max_new_tokens
+    assert 2 <= rows["latent: K=1"]["decoding_steps"] <= 1 + budget
+    assert rows["latent: segment"]["decoding_steps"] >= config.latent.K + 1
+    md = (root / "results" / "levers" / "summary.md").read_text()
+    assert "`latent.K=1`" in md and "best validation accuracy" in md

@@ -1,4 +1,4 @@
-"""`system15 <verb>`: demo | bench | train | eval | data | config.
+"""`system15 <verb>`: demo | bench | ablate | train | eval | data | config.
 
 Settings come from a recipe (`--recipe configs/x.yaml`) plus `key.sub=value` overrides;
 `system15 config` lists every setting with its help text (from config.py).
@@ -35,6 +35,18 @@ def cmd_bench(args) -> int:
     summary = run_ladder(config, runs_root=args.runs, results_root=args.results, command=_command_line(args.argv))
     print(markdown_table(summary["rows"]))
     print(f"\nwritten: {Path(args.results) / config.name / 'summary.json'}")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .config import load_ablation
+    from .pipeline import run_ablation
+    from .report import markdown_table
+
+    ablation = load_ablation(args.ablation)
+    summary = run_ablation(ablation, runs_root=args.runs, results_root=args.results, command=_command_line(args.argv))
+    print(markdown_table(summary["rows"]))
+    print(f"\nwritten: {Path(args.results) / ablation.name / 'summary.json'}")
     return 0
 
 
@@ -108,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/<name>/<method>/")
         p.add_argument("--results", default="results", help="results go to RESULTS/<name>/")
         p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablate", help="retrain one rung per variant of an ablation file; writes results/<name>/")
+    p.add_argument("ablation", help="ablation YAML, e.g. configs/stage1_levers.yaml")
+    p.add_argument("--runs", default="runs", help="variant checkpoints go to RUNS/<recipe name>/<method>-<variant>/")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("train", help="train one method", epilog="\n".join(help_lines()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)

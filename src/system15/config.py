@@ -100,6 +100,7 @@ class LatentConfig:
     alpha: float = _f(1.0, "stage 1: weight of the alignment loss")
     align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std")
     probe: float = _f(0.0, "stage 1: weight of the auxiliary loss that makes latent step k decode its segment's results (0 = off)")
+    probe_results: str = _f("all", "stage 1 probe targets after latent step k: all (every result of its segment, teacher-forced in order) | last (only the segment's last result, the one the next step builds on)")
     warm_start: float = _f(0.0, "stage 1: fraction of training in which latent steps replace the CoT segments one at a time (0 = off)")
     compare_align: bool = _f(False, "stage 1: also train with the other alignment rule and keep the better on validation")
     projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
@@ -114,6 +115,7 @@ class LatentConfig:
         _in_unit(self.warm_start, "latent.warm_start")
         _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0 (0 = model width)")
         _check(self.align in ("segment", "codi"), "latent.align", f"unknown rule {self.align!r}")
+        _check(self.probe_results in ("all", "last"), "latent.probe_results", f"must be all or last, got {self.probe_results!r}")
         _check(self.pause_K >= 0 and self.coconut_c >= 1 and self.coconut_stages >= 1, "latent", "pause_K >= 0, coconut_c >= 1, coconut_stages >= 1")
 
 
@@ -326,3 +328,70 @@ def help_lines(cls=RunConfig, prefix: str = "") -> list[str]:
             default = f.default if f.default is not dataclasses.MISSING else (sub() if sub else None)
             lines.append(f"  {prefix}{f.name}={default!r}\n      {f.metadata.get('help', '')}")
     return lines
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """An ablation file: variants of one rung of a recipe, each a list of key=value overrides.
+
+        name: stage1_levers          # results go to results/<name>/
+        recipe: demo.yaml            # relative to this file
+        method: latent               # the rung every variant retrains, from the recipe's parent rung
+        reference: [cot, nocot]      # rungs measured alongside (reused when already trained)
+        variants:
+          segment: []                # the recipe as it is
+          K=4: [latent.K=4]
+    """
+
+    path: Path
+    name: str
+    recipe: Path
+    method: str
+    reference: tuple[str, ...]
+    variants: dict[str, tuple[str, ...]]
+
+    def config(self, variant: str) -> RunConfig:
+        try:
+            return load_config(self.recipe, list(self.variants[variant]))
+        except ConfigError as e:
+            raise ConfigError(f"{self.path}: variants.{variant}: {e}") from None
+
+
+def load_ablation(path: str | Path) -> Ablation:
+    """Read and check an ablation file; every error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: ablation file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    _check(isinstance(data, dict), str(path), "expected a mapping with name, recipe, method, variants")
+    keys = {"name", "recipe", "method", "reference", "variants"}
+    for key in data:
+        if key not in keys:
+            hint = difflib.get_close_matches(str(key), keys, n=1)
+            raise ConfigError(f"{path}: {key}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    for key in ("name", "recipe", "method", "variants"):
+        if key not in data:
+            raise ConfigError(f"{path}: {key}: missing")
+    if data["method"] not in METHODS:
+        raise ConfigError(f"{path}: method: unknown method {data['method']!r}; choose from {METHODS}")
+    reference = data.get("reference") or []
+    for m in reference:
+        if m not in METHODS:
+            raise ConfigError(f"{path}: reference: unknown method {m!r}; choose from {METHODS}")
+    variants = data["variants"]
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"{path}: variants: expected a non-empty mapping of name -> list of key=value")
+    for name, overrides in variants.items():
+        ok = isinstance(overrides, list) and all(isinstance(o, str) and "=" in o for o in overrides)
+        if not ok:
+            raise ConfigError(f"{path}: variants.{name}: expected a list of key=value strings, got {overrides!r}")
+    ablation = Ablation(path, str(data["name"]), path.parent / str(data["recipe"]), data["method"], tuple(reference),
+                        {str(n): tuple(o) for n, o in variants.items()})
+    base = load_config(ablation.recipe)
+    for name in ablation.variants:
+        if ablation.config(name).task != base.task:
+            raise ConfigError(f"{path}: variants.{name}: variants may not change task.* (they share its splits and parent rungs)")
+    return ablation

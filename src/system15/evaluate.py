@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Example, answers_match, extract_answer
-from .engine import FULL, Generation, Route, generate
+from .engine import FULL, Generation, Route, generate, prefill
 from .layout import encode, prompt, thought_critical
 
 
@@ -81,12 +81,15 @@ def summarize(records: list[Record]) -> dict:
     steps = sum(r.decoding_steps for r in records)
     lc = sum(r.layers_critical for r in records)
     ln = sum(r.layers_noncritical for r in records)
+    skipped = sum(r.skipped_critical + r.skipped_noncritical for r in records)
     return {
         "accuracy": accuracy(records),
         "decoding_steps": steps / n,
         "flops_per_step": sum(r.flops for r in records) / max(1, sum(r.forwards for r in records)),
         "skip_frac_critical": sum(r.skipped_critical for r in records) / lc if lc else 0.0,
         "skip_frac_noncritical": sum(r.skipped_noncritical for r in records) / ln if ln else 0.0,
+        "forwards_per_example": sum(r.forwards for r in records) / n,
+        "layers_run_per_example": (lc + ln - skipped) / n,
         "examples": len(records),
     }
 
@@ -108,6 +111,50 @@ def measure_latency(model, examples: list[Example], *, K: int | None, route: Rou
         _sync()
         best = min(best, time.perf_counter() - began)
     return 1000 * best / len(prompts)
+
+
+@torch.no_grad()
+def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[str, float]:
+    """Where batch-1 decoding time goes, in microseconds (median of `repeats` calls), on one
+    example's prompt: the prefill; one full layer f_l; the three parts of a skipped layer (the
+    router, the two adapters, the kv_policy="fill" K/V write); and a decoding step's work
+    outside its layers (input, mask, final norm, head, argmax). Layer figures are for layer 1.
+    Needs a model with shortcuts (the router and adapters are timed too)."""
+    model.eval()
+    tok, bb, sc = model.tokenizer, model.backbone, model.shortcuts[0]
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt(tok, encode(tok, example))], device=device)
+    visible = torch.ones_like(ids, dtype=torch.bool)
+    cache, last, prev, positions = prefill(model, ids, visible)
+    x = model.thought_input(0, last)
+    h = bb.layer_input(x[:, None], positions[:, None])
+    ctx = bb.context(h, positions[:, None], cache)
+
+    def outside_layers():
+        hh = bb.layer_input(x[:, None], positions[:, None])
+        bb.context(hh, positions[:, None], cache)
+        return bb.head(bb.final_norm(hh)[:, 0]).argmax(-1)
+
+    parts = {
+        "prefill": lambda: prefill(model, ids, visible),
+        "full_layer": lambda: bb.run_layer(0, h, ctx, cache),
+        "router": lambda: sc.router(h),
+        "adapters": lambda: sc.branch(h, prev[0][:, None]),
+        "kv_fill": lambda: bb.layer_kv(0, h, ctx),
+        "step_outside_layers": outside_layers,
+    }
+    out = {}
+    for name, call in parts.items():
+        call()
+        times = []
+        for _ in range(repeats):
+            _sync()
+            began = time.perf_counter()
+            call()
+            _sync()
+            times.append(time.perf_counter() - began)
+        out[f"{name}_us"] = 1e6 * sorted(times)[len(times) // 2]
+    return out
 
 
 def _sync() -> None:

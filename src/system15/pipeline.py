@@ -20,17 +20,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import METHODS, RunConfig
+from .config import METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
 from .engine import FULL, Route
-from .evaluate import accuracy, evaluate, measure_latency, records_as_dicts, summarize
+from .evaluate import accuracy, evaluate, latency_breakdown, measure_latency, records_as_dicts, summarize
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
 from .runtime import accelerator_for, autocast, device_for
 from .train import objective_for
 from .train.loop import fit, is_done
+from .train.stage1 import probe_readout
 
 INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
 
@@ -149,6 +150,20 @@ def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tup
     return rows, records
 
 
+def explain_latency(model: ReasoningModel, example: Example, row: dict, cot_ms: float) -> dict:
+    """System-1.5's batch-1 latency rebuilt from its parts (evaluate.latency_breakdown) and the
+    counts in its results row, next to the measured figure; and the speedup over CoT it would
+    have if every skipped layer and every router cost nothing (an upper bound for this model)."""
+    parts = latency_breakdown(model, example)
+    steps, run = row["forwards_per_example"], row["layers_run_per_example"]
+    visited = steps * model.num_layers
+    floor_us = parts["prefill_us"] + steps * parts["step_outside_layers_us"] + run * parts["full_layer_us"]
+    skipped_us = (visited - run) * (parts["adapters_us"] + parts["kv_fill_us"]) + visited * parts["router_us"]
+    return {**{k: round(v, 1) for k, v in parts.items()}, "forwards_per_example": steps, "layers_run_per_example": run,
+            "rebuilt_ms": (floor_us + skipped_us) / 1000, "measured_ms": row["latency_ms"],
+            "speedup_vs_cot_if_skips_were_free": cot_ms / (floor_us / 1000)}
+
+
 def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, splits) -> list[dict]:
     """lambda_depth x K grid: accuracy on the test set and batch-1 speedup against CoT."""
     test = splits["test"]
@@ -188,6 +203,14 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         seconds[method] = round(time.perf_counter() - began, 1)
     with autocast(config):
         rows, records = measure(config, models, splits)
+        for r in rows:  # each rung's own training, also when this run reused it
+            done = json.loads((runs_dir / r["method"] / "done.json").read_text())
+            r["best_valid_accuracy"] = done.get("best_valid_accuracy")
+            r["train_steps"], r["train_seconds"] = done["steps"], done["seconds"]
+        by_method, explained = {r["method"]: r for r in rows}, None
+        if "system15" in models and "cot" in by_method:
+            explained = explain_latency(models["system15"], splits["test"][0], by_method["system15"],
+                                        by_method["cot"]["latency_ms"])
     summary = {
         "task": config.task.name,
         "backbone": _backbone_name(config),
@@ -195,6 +218,7 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         "command": command,
         "rows": rows,
         "stage1_align": stage1,
+        "system15_latency_parts": explained,
         "wall_seconds_this_run": seconds,
         "test_examples": len(splits["test"]),
         "timing_examples": min(len(splits["test"]), config.eval.timing_examples),
@@ -217,3 +241,51 @@ def _backbone_name(config: RunConfig) -> str:
     if b.source == "scratch":
         return f"{b.family} from scratch ({b.n_layer} layers, width {b.n_embd})"
     return b.path or b.source
+
+
+def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_root: str | Path = "results",
+                 command: str = "") -> dict:
+    """Retrain one rung once per variant, each from the recipe's own parent rung, and measure
+    every variant and the reference rungs on the same test set in this run (batch-1 timing).
+
+    Variant runs live in runs/<recipe name>/<method>-<variant>/ and are reused once done."""
+    torch.manual_seed(0)
+    base = load_config(ablation.recipe)
+    runs_dir = Path(runs_root) / base.name
+    splits = load_splits(base)
+    test, mnt = splits["test"], base.task.max_new_tokens
+    timing_set = test[: base.eval.timing_examples]
+    references = dict.fromkeys(m for m in ("cot", *ablation.reference) if m != ablation.method)
+    entries = [(m, m, base, None, ()) for m in references]
+    entries += [(f"{ablation.method}: {v}", ablation.method, ablation.config(v), f"{ablation.method}-{_slug(v)}", overrides)
+                for v, overrides in ablation.variants.items()]
+    parent, chain = INIT_FROM[ablation.method], []
+    while parent is not None:
+        chain.insert(0, parent)
+        parent = INIT_FROM[parent]
+    for method in chain:  # the parent rungs every variant starts from
+        train_rung(base, method, splits, runs_dir)
+    rows = []
+    for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
+        model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
+        K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
+        with autocast(cfg):
+            recs = evaluate(model, test, K=K, route=route, batch_size=cfg.eval.batch_size, max_new_tokens=mnt, desc=f"test {label}")
+            ms = measure_latency(model, timing_set, K=K, route=route, max_new_tokens=mnt)
+        done = json.loads((runs_dir / (run_name or method) / "done.json").read_text())
+        rows.append({"method": label, **summarize(recs), "latency_ms": ms, "best_valid_accuracy": done["best_valid_accuracy"],
+                     "train_steps": done["steps"], "train_seconds": done["seconds"], "overrides": list(overrides)})
+        if model.thought == "latent" and K:
+            rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K)
+    reference_ms = rows[0]["latency_ms"]  # CoT's, unless CoT itself is the ablated rung
+    for r in rows:
+        r["speedup_vs_cot"] = reference_ms / r["latency_ms"]
+    summary = {"task": base.task.name, "backbone": _backbone_name(base), "device": device_name(), "command": command,
+               "ablation": str(ablation.path), "rows": rows, "test_examples": len(test),
+               "timing_examples": len(timing_set), "config": base.to_dict()}
+    write_summary(Path(results_root) / ablation.name, summary)
+    return summary
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

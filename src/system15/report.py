@@ -27,6 +27,11 @@ COLUMNS = [
     ("latency_vs_nocot", "latency vs No-CoT", "{:.2f}x"),
     ("skip_frac_critical", "layers skipped: critical", "{:.1%}"),
     ("skip_frac_noncritical", "non-critical", "{:.1%}"),
+    ("best_valid_accuracy", "best validation accuracy", "{:.1%}"),
+    ("train_steps", "training steps", "{}"),
+    ("train_seconds", "training seconds", "{:.0f}"),
+    ("probe_readout", "first result read out after latent step k", "{:.0%}"),
+    ("overrides", "overrides", "`{}`"),
 ]
 
 
@@ -40,13 +45,17 @@ def markdown_table(rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = []
-        for key, _, fmt in cols:
-            value = r.get(key)
-            ok = value is not None and not (isinstance(value, float) and math.isnan(value))
-            cells.append(fmt.format(value) if ok else "")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(key), fmt) for key, _, fmt in cols) + " |")
     return "\n".join(lines)
+
+
+def _cell(value, fmt: str) -> str:
+    """A table cell: empty for missing or NaN values; lists are written item by item."""
+    if isinstance(value, list):
+        return " / ".join(_cell(v, fmt) for v in value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return fmt.format(value)
 
 
 def write_summary(out_dir: str | Path, summary: dict) -> Path:
@@ -59,6 +68,15 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
         md += ["Stage-1 alignment rules (validation accuracy): " +
                ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
                f"; chosen: {summary['stage1_align'].get('chosen')}", ""]
+    parts = summary.get("system15_latency_parts")
+    if parts:
+        md += [f"System-1.5 at batch 1, rebuilt from its parts: {parts['rebuilt_ms']:.2f} ms (measured "
+               f"{parts['measured_ms']:.2f} ms). Prefill {parts['prefill_us']:.0f} µs; a full layer {parts['full_layer_us']:.0f} µs; "
+               f"a skipped layer: router {parts['router_us']:.0f} + adapters {parts['adapters_us']:.0f} + K/V fill "
+               f"{parts['kv_fill_us']:.0f} µs; per step outside the layers {parts['step_outside_layers_us']:.0f} µs; "
+               f"{parts['layers_run_per_example']:.1f} layers run over {parts['forwards_per_example']:.1f} steps per example. "
+               f"If skipped layers and routers cost nothing, the speedup over CoT would be at most "
+               f"{parts['speedup_vs_cot_if_skips_were_free']:.2f}x.", ""]
     (out / "summary.md").write_text("\n".join(md))
     return out / "summary.json"
 

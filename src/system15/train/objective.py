@@ -78,18 +78,24 @@ class ThoughtPass:
     forks: list                       # (cache branch, next positions) after each thought step
 
 
-def thought_forward(model, batch: dict, K: int, keep_layers: bool = False) -> ThoughtPass:
-    """Prompt prefill, K thought steps (full path), then the tail by teacher forcing."""
-    bb = model.backbone
-    cache, last, prev, positions = prefill(model, batch["ids"], batch["visible"])
+def thoughts_after_prompt(model, ids: torch.Tensor, visible: torch.Tensor, K: int):
+    """Prompt prefill, then K thought steps (full path). Returns the cache, the next position
+    ids, each step's StepResult, and a cache branch (with its next positions) after each step."""
+    cache, last, prev, positions = prefill(model, ids, visible)
     thoughts, forks = [], []
     for k in range(K):
         res = decode_step(model, model.thought_input(k, last), positions, cache, prev)
         last, prev, positions = res.hidden, res.layers, positions + 1
         thoughts.append(res)
         forks.append((cache.fork(), positions))
+    return cache, positions, thoughts, forks
+
+
+def thought_forward(model, batch: dict, K: int, keep_layers: bool = False) -> ThoughtPass:
+    """Prompt prefill, K thought steps (full path), then the tail by teacher forcing."""
+    cache, positions, thoughts, forks = thoughts_after_prompt(model, batch["ids"], batch["visible"], K)
     final, states = teacher_force(model, cache, positions, batch["tail"], batch["tail_visible"], keep_layers)
-    return ThoughtPass(example_nll(bb.head(final), batch["labels"]), thoughts, final, states, forks)
+    return ThoughtPass(example_nll(model.backbone.head(final), batch["labels"]), thoughts, final, states, forks)
 
 
 def teacher_force(model, cache, positions, ids, visible, keep_layers=False):

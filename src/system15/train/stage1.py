@@ -11,15 +11,21 @@ difference divided by the teacher's standard deviation at that layer.
 
 Optional (latent.probe > 0), one of the levers the plain rule needed at small scale: after
 latent step k, a short teacher-forced branch must decode `#### <results of segment k>`, so
-the latent path is made to carry the intermediate values themselves.
+the latent path is made to carry the intermediate values themselves. With
+latent.probe_results = "all" the branch decodes every result of the segment in order, so a
+later result may lean on the earlier ones written as tokens; with "last" it decodes only the
+segment's last result, which the latent state must then hold on its own.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from ..layout import cot_target, prompt, segment_ends, segment_results, sequence_batch
-from .objective import Objective, example_nll, sequence_forward, teacher_force, thought_batch, thought_forward
+from ..layout import Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
+from .objective import (Objective, example_nll, sequence_forward, teacher_force, thought_batch, thought_forward,
+                        thoughts_after_prompt)
 
 
 class LatentDistillation(Objective):
@@ -28,7 +34,7 @@ class LatentDistillation(Objective):
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
-        self.probe = config.latent.probe
+        self.probe, self.probe_last = config.latent.probe, config.latent.probe_results == "last"
         self.warm_start = config.latent.warm_start
         self.active = self.K  # latent steps in use; fewer during the warm start
 
@@ -79,6 +85,7 @@ class LatentDistillation(Objective):
         pairs = []
         for e in examples:
             results = segment_results(e, self.K)[k]
+            results = results[-1:] if self.probe_last else results
             target = tok.encode("#### " + " ".join(results)) if results else []
             pairs.append(([tok.eot_id], target))
         ids, visible, labels = sequence_batch(pairs, tok.pad_id)
@@ -109,6 +116,32 @@ def probe_nll(model, forks, probes) -> torch.Tensor:
         final, _ = teacher_force(model, cache, positions, probe["ids"], probe["visible"])
         losses.append(example_nll(model.backbone.head(final), probe["labels"]))
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def probe_readout(model, examples: list[Encoded], K: int, max_tokens: int = 6) -> list[float]:
+    """How far the latent chain gets: after each latent step k, branch the cache, feed `<eot>`
+    and decode greedily; the share of examples whose first number after `####` is the first
+    result of the segment step k covers. (The first one: a later result of the segment could
+    be worked out from the earlier ones once they are written as tokens.) Steps covering no
+    CoT step are scored over the examples that have one."""
+    tok = model.tokenizer
+    ids, visible = pad([prompt(tok, e) for e in examples], tok.pad_id, left=True)
+    _, _, _, forks = thoughts_after_prompt(model, ids, visible, K)
+    scores = []
+    for k, (cache, positions) in enumerate(forks):
+        nxt = torch.full((len(examples), 1), tok.eot_id)
+        out = []
+        for _ in range(max_tokens):
+            final, _ = teacher_force(model, cache, positions, nxt, torch.ones_like(nxt, dtype=torch.bool))
+            nxt, positions = model.backbone.head(final[:, -1]).argmax(-1, keepdim=True), positions + 1
+            out.append(nxt)
+        texts = [tok.decode(row) for row in torch.cat(out, 1).tolist()]
+        hits = [re.match(r"####\s*(-?\d+)", t.strip()) for t in texts]
+        wanted = [segment_results(e, K)[k][:1] for e in examples]
+        judged = [(h is not None and h.group(1) == w[0]) for h, w in zip(hits, wanted) if w]
+        scores.append(sum(judged) / max(len(judged), 1))
+    return scores
 
 
 def segment_alignment(teacher_final: torch.Tensor, thoughts, segment_pos: torch.Tensor) -> torch.Tensor:
