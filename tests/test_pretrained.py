@@ -52,3 +52,15 @@ def test_gpt2_bpe_files_from_the_package():
     assert tok.encode("Hello world") == [15496, 995]  # the official GPT-2 ids
     assert tok.decode(tok.encode(f"a {BOT} b")) == "a  b"
     assert tok.bot_id >= 50257 and tok.eot_id >= 50257
+
+
+@pytest.mark.parametrize("choice", ["gpt2", "folder"])
+def test_scratch_backbone_takes_the_gpt2_bpe_or_a_tokenizer_folder(tmp_path, choice):
+    if choice == "folder":
+        gpt2_bpe_tokenizer().save(tmp_path)
+        choice = str(tmp_path)
+    overrides = ["backbone.n_layer=1", "backbone.n_embd=16", "backbone.n_head=2", f"backbone.tokenizer={choice}"]
+    model = build_model(load_config(None, overrides), [])
+    tok = model.tokenizer
+    assert tok.encode("Hello world") == [15496, 995] and tok.bot_id >= 50257
+    assert model.backbone.embed(torch.tensor([tok.eot_id])).shape == (1, 16)

@@ -290,14 +290,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     if recipe is not None:
         path = Path(recipe)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not a text file ({e.reason})") from None
+        data = _read_yaml(path, "recipe")
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top, got {type(data).__name__}")
@@ -308,6 +301,18 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         return _build(RunConfig, data, "config")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """A YAML (or JSON) file's content; a missing, undecodable or malformed file is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason})") from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -360,12 +365,7 @@ class Ablation:
 def load_ablation(path: str | Path) -> Ablation:
     """Read and check an ablation file; every error names the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: ablation file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    data = _read_yaml(path, "ablation file")
     _check(isinstance(data, dict), str(path), "expected a mapping with name, recipe, method, variants")
     keys = {"name", "recipe", "method", "reference", "variants"}
     for key in data:

@@ -137,13 +137,28 @@ def _pretrained(cfg: BackboneConfig):
     return lm, tok
 
 
+def _scratch_tokenizer(cfg: BackboneConfig, texts: list[str]) -> Tokenizer:
+    """backbone.tokenizer for a from-scratch backbone: characters of `texts` (auto, char),
+    the GPT-2 BPE (gpt2), or a local Hugging Face tokenizer folder."""
+    from .tokenizer import HFTokenizer
+
+    if cfg.tokenizer == "gpt2":
+        return gpt2_bpe_tokenizer()
+    if cfg.tokenizer in ("auto", "char"):
+        return CharTokenizer.from_texts(texts)
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True,
+                                                     trust_remote_code=cfg.trust_remote_code))
+
+
 def build_model(config: RunConfig, texts: list[str], thought: str | None = None) -> ReasoningModel:
     """A fresh model for `config`: a scratch backbone gets a char tokenizer over `texts`."""
     from .tokenizer import HFTokenizer
 
     cfg = config.backbone
     if cfg.source == "scratch":
-        tok = gpt2_bpe_tokenizer() if cfg.tokenizer == "gpt2" else CharTokenizer.from_texts(texts)
+        tok = _scratch_tokenizer(cfg, texts)
         torch.manual_seed(config.stage("cot").seed)
         lm = _scratch_lm(cfg, len(tok))
     else:
