@@ -228,6 +228,29 @@ def test_saved_model_loads_back(tiny, model_dir):
         assert torch.equal(a, b), name
 
 
+def test_a_rung_may_reshape_only_what_its_parent_never_trained(tiny, model_dir, tmp_path):
+    """A stage-1 variant with a wider P starts from the CoT model, whose P was never trained;
+    a model that did train its P refuses the change instead of silently dropping it."""
+    import dataclasses
+    import shutil
+
+    from system15.config import ConfigError
+
+    base = tiny[0].config
+    wider = dataclasses.replace(base, latent=dataclasses.replace(base.latent, projection_hidden=48, pause_K=3))
+    assert tiny[0].method == "cot"
+    loaded = load_reasoning_model(model_dir, wider)
+    assert loaded.projection.net[0].weight.shape == (48, 32) and loaded.pause.shape == (3, 32)
+    assert loaded.config is wider
+    assert torch.equal(loaded.backbone.embed(torch.arange(5)), tiny[0].backbone.embed(torch.arange(5)))
+    latent = Path(shutil.copytree(model_dir, tmp_path / "latent"))
+    meta = json.loads((latent / "model.json").read_text())
+    (latent / "model.json").write_text(json.dumps({**meta, "method": "latent"}))
+    (latent / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="latent.projection_hidden"):
+        load_reasoning_model(latent, wider)
+
+
 def test_model_folder_without_weights_is_refused(model_dir, tmp_path):
     d = copy_of(model_dir, tmp_path)
     (d / "model.safetensors").unlink()

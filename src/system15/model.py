@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .backbone import Backbone
-from .config import BackboneConfig, RunConfig
+from .config import BackboneConfig, ConfigError, RunConfig
 from .shortcuts import Shortcuts
 from .tokenizer import CharTokenizer, Tokenizer, gpt2_bpe_tokenizer, load_tokenizer
 
@@ -48,14 +48,44 @@ class ReasoningModel(nn.Module):
         if thought not in THOUGHTS:
             raise ValueError(f"thought must be one of {THOUGHTS}, got {thought!r}")
         self.backbone, self.tokenizer, self.config, self.thought = backbone, tokenizer, config, thought
-        width = backbone.hidden_size
-        emb = backbone.embed(torch.arange(min(len(tokenizer), 1000))).detach()
-        scale = float(emb.pow(2).mean().sqrt())
-        hidden = config.latent.projection_hidden or width
-        self.projection = LatentProjection(width, hidden, scale)
-        self.pause = nn.Parameter(torch.randn(max(config.latent.pause_K, 1), width) * scale)
+        self.projection = self._fresh_projection(config)
+        self.pause = self._fresh_pause(config)
         self.shortcuts: Shortcuts | None = None
         self.method: str | None = None  # the training method that produced these weights
+
+    def _embedding_scale(self) -> float:
+        emb = self.backbone.embed(torch.arange(min(len(self.tokenizer), 1000))).detach()
+        return float(emb.pow(2).mean().sqrt())
+
+    def _fresh_projection(self, config: RunConfig) -> LatentProjection:
+        width = self.backbone.hidden_size
+        return LatentProjection(width, config.latent.projection_hidden or width, self._embedding_scale())
+
+    def _fresh_pause(self, config: RunConfig) -> nn.Parameter:
+        width = self.backbone.hidden_size
+        return nn.Parameter(torch.randn(max(config.latent.pause_K, 1), width) * self._embedding_scale())
+
+    def adopt(self, config: RunConfig) -> None:
+        """Continue under a new run config (a rung starting from its parent's weights). P or
+        the pause embeddings start afresh where the new config changes their shape, which is
+        refused when these weights were trained: the parent's method used them."""
+        width = self.backbone.hidden_size
+        parts = {  # name: (setting, shape now, shape wanted, rebuild, trained by the parent)
+            "projection": ("latent.projection_hidden", tuple(self.projection.net[0].weight.shape),
+                           (config.latent.projection_hidden or width, width), self._fresh_projection,
+                           self.method in ("latent", "system15")),
+            "pause": ("latent.pause_K", tuple(self.pause.shape), (max(config.latent.pause_K, 1), width),
+                      self._fresh_pause, self.method == "pause"),
+        }
+        for name, (setting, now, wanted, rebuild, trained) in parts.items():
+            if now == wanted:
+                continue
+            if trained:
+                raise ConfigError(f"{setting}: this {self.method} model trained its {name} with shape {now}; "
+                                  f"the setting cannot change it")
+            fresh, device = rebuild(config), self.pause.device
+            setattr(self, name, nn.Parameter(fresh.data.to(device)) if isinstance(fresh, nn.Parameter) else fresh.to(device))
+        self.config = config
 
     @property
     def num_layers(self) -> int:
@@ -186,10 +216,9 @@ def load_reasoning_model(directory: str | os.PathLike, config: RunConfig | None 
 
         verify(d)  # sizes and checksums: a flipped byte is refused, not loaded
     meta = json.loads((d / "model.json").read_text())
-    run_config = config or load_config(d / "config.json")
     hf_config = AutoConfig.from_pretrained(str(d / "backbone_config.json"), trust_remote_code=False)
     lm = AutoModelForCausalLM.from_config(hf_config)
-    model = ReasoningModel(Backbone(lm), load_tokenizer(d), run_config, meta["thought"])
+    model = ReasoningModel(Backbone(lm), load_tokenizer(d), load_config(d / "config.json"), meta["thought"])
     model.method = meta.get("method")
     if meta["shortcuts"]:
         model.add_shortcuts()
@@ -197,5 +226,7 @@ def load_reasoning_model(directory: str | os.PathLike, config: RunConfig | None 
         load_model(model, str(d / "model.safetensors"))
     except Exception as e:  # safetensors raises several kinds on truncation/corruption
         raise ValueError(f"{d / 'model.safetensors'}: cannot load weights ({e})") from e
+    if config is not None:
+        model.adopt(config)
     model.eval()
     return model
