@@ -160,3 +160,5 @@ def test_probe_readout_scores_the_first_result_of_each_segment(examples):
             says(e.results[0]) + says(e.results[1]) if right else says("9" + e.results[0]) + says(e.results[2] + "9")
             for e in enc])
         assert probe_readout(model, enc, K=2) == expected
+    model.backbone.head = scripted_head(model, [says(e.results[0]) + says(e.results[2]) for e in enc])
+    assert probe_readout(model, enc, K=2, which="last") == [1.0, 1.0]

@@ -117,7 +117,7 @@ def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tup
         recs = evaluate(model, test, K=K, route=route_for(method, config), batch_size=config.eval.batch_size,
                         max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
         records[method] = records_as_dicts(recs)
-        rows.append({"method": method, **summarize(recs)})
+        rows.append(_row(method, recs))
     timing_set = test[: config.eval.timing_examples]
     latency: dict[int, dict[str, float]] = {}
     for bs in tqdm(config.eval.timing_batch_sizes, desc="timing", leave=False):
@@ -141,13 +141,19 @@ def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tup
             else:
                 r[f"speedup_vs_cot_b{bs}"] = ratio
                 r[f"latency_ms_b{bs}"] = latency[bs][m]
-        if m not in ("system15",):
-            r.pop("skip_frac_critical", None)
-            r.pop("skip_frac_noncritical", None)
     if "system15" in by_method and "latent" in by_method:
         s, l = by_method["system15"], by_method["latent"]
         s["flops_reduction_vs_latent"] = l["flops_per_step"] / s["flops_per_step"]
     return rows, records
+
+
+def _row(method: str, records) -> dict:
+    """A results row: the summary of a method's records; skip fractions only where layers can skip."""
+    row = {"method": method, **summarize(records)}
+    if method != "system15":
+        row.pop("skip_frac_critical")
+        row.pop("skip_frac_noncritical")
+    return row
 
 
 def explain_latency(model: ReasoningModel, example: Example, row: dict, cot_ms: float) -> dict:
@@ -273,10 +279,11 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
             recs = evaluate(model, test, K=K, route=route, batch_size=cfg.eval.batch_size, max_new_tokens=mnt, desc=f"test {label}")
             ms = measure_latency(model, timing_set, K=K, route=route, max_new_tokens=mnt)
         done = json.loads((runs_dir / (run_name or method) / "done.json").read_text())
-        rows.append({"method": label, **summarize(recs), "latency_ms": ms, "best_valid_accuracy": done["best_valid_accuracy"],
+        rows.append({**_row(method, recs), "method": label, "latency_ms": ms, "best_valid_accuracy": done["best_valid_accuracy"],
                      "train_steps": done["steps"], "train_seconds": done["seconds"], "overrides": list(overrides)})
-        if model.thought == "latent" and K:
-            rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K)
+        if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
+            which = "last" if cfg.latent.probe_results == "last" else "first"
+            rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
     reference_ms = rows[0]["latency_ms"]  # CoT's, unless CoT itself is the ablated rung
     for r in rows:
         r["speedup_vs_cot"] = reference_ms / r["latency_ms"]

@@ -30,7 +30,7 @@ COLUMNS = [
     ("best_valid_accuracy", "best validation accuracy", "{:.1%}"),
     ("train_steps", "training steps", "{}"),
     ("train_seconds", "training seconds", "{:.0f}"),
-    ("probe_readout", "first result read out after latent step k", "{:.0%}"),
+    ("probe_readout", "probe read-out after latent step k", "{:.0%}"),
     ("overrides", "overrides", "`{}`"),
 ]
 

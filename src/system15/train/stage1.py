@@ -119,15 +119,16 @@ def probe_nll(model, forks, probes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_readout(model, examples: list[Encoded], K: int, max_tokens: int = 6) -> list[float]:
+def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", max_tokens: int = 6) -> list[float]:
     """How far the latent chain gets: after each latent step k, branch the cache, feed `<eot>`
-    and decode greedily; the share of examples whose first number after `####` is the first
-    result of the segment step k covers. (The first one: a later result of the segment could
-    be worked out from the earlier ones once they are written as tokens.) Steps covering no
-    CoT step are scored over the examples that have one."""
+    and decode greedily; the share of examples whose first number after `####` is the result
+    the probe was trained to write first: the first result of the segment step k covers
+    (latent.probe_results "all"), or its last ("last"). Steps covering no CoT step are scored
+    over the examples that have one."""
     tok = model.tokenizer
     ids, visible = pad([prompt(tok, e) for e in examples], tok.pad_id, left=True)
     _, _, _, forks = thoughts_after_prompt(model, ids, visible, K)
+    pick = slice(0, 1) if which == "first" else slice(-1, None)
     scores = []
     for k, (cache, positions) in enumerate(forks):
         nxt = torch.full((len(examples), 1), tok.eot_id)
@@ -138,7 +139,7 @@ def probe_readout(model, examples: list[Encoded], K: int, max_tokens: int = 6) -
             out.append(nxt)
         texts = [tok.decode(row) for row in torch.cat(out, 1).tolist()]
         hits = [re.match(r"####\s*(-?\d+)", t.strip()) for t in texts]
-        wanted = [segment_results(e, K)[k][:1] for e in examples]
+        wanted = [segment_results(e, K)[k][pick] for e in examples]
         judged = [(h is not None and h.group(1) == w[0]) for h, w in zip(hits, wanted) if w]
         scores.append(sum(judged) / max(len(judged), 1))
     return scores
