@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ablate", help="retrain one rung per variant of an ablation file; writes results/<name>/")
-    p.add_argument("ablation", help="ablation YAML, e.g. configs/stage1_levers.yaml")
+    p.add_argument("ablation", help="ablation YAML, e.g. configs/ablations/stage1_levers.yaml")
     p.add_argument("--runs", default="runs", help="variant checkpoints go to RUNS/<recipe name>/<method>-<variant>/")
     p.add_argument("--results", default="results")
     p.set_defaults(func=cmd_ablate)

@@ -69,23 +69,19 @@ class ReasoningModel(nn.Module):
         """Continue under a new run config (a rung starting from its parent's weights). P or
         the pause embeddings start afresh where the new config changes their shape, which is
         refused when these weights were trained: the parent's method used them."""
-        width = self.backbone.hidden_size
-        parts = {  # name: (setting, shape now, shape wanted, rebuild, trained by the parent)
-            "projection": ("latent.projection_hidden", tuple(self.projection.net[0].weight.shape),
-                           (config.latent.projection_hidden or width, width), self._fresh_projection,
-                           self.method in ("latent", "system15")),
-            "pause": ("latent.pause_K", tuple(self.pause.shape), (max(config.latent.pause_K, 1), width),
-                      self._fresh_pause, self.method == "pause"),
-        }
-        for name, (setting, now, wanted, rebuild, trained) in parts.items():
-            if now == wanted:
-                continue
-            if trained:
-                raise ConfigError(f"{setting}: this {self.method} model trained its {name} with shape {now}; "
-                                  f"the setting cannot change it")
-            fresh, device = rebuild(config), self.pause.device
-            setattr(self, name, nn.Parameter(fresh.data.to(device)) if isinstance(fresh, nn.Parameter) else fresh.to(device))
+        width, device = self.backbone.hidden_size, self.pause.device
+        if tuple(self.projection.net[0].weight.shape) != (config.latent.projection_hidden or width, width):
+            self._refuse_if_trained("latent.projection_hidden", self.method in ("latent", "system15"))
+            self.projection = self._fresh_projection(config).to(device)
+        if tuple(self.pause.shape) != (max(config.latent.pause_K, 1), width):
+            self._refuse_if_trained("latent.pause_K", self.method == "pause")
+            self.pause = nn.Parameter(self._fresh_pause(config).data.to(device))
         self.config = config
+
+    def _refuse_if_trained(self, setting: str, trained: bool) -> None:
+        if trained:
+            raise ConfigError(f"{setting}: this {self.method} model trained the weights this setting shapes; "
+                              f"it cannot change them")
 
     @property
     def num_layers(self) -> int:

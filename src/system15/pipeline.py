@@ -105,7 +105,14 @@ def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
 
 
 def _best_score(run_dir: Path) -> float:
-    return float(json.loads((run_dir / "done.json").read_text())["best_valid_accuracy"])
+    return float(_training_record(run_dir)["best_valid_accuracy"])
+
+
+def _training_record(run_dir: Path) -> dict:
+    """A finished rung's own training (from its done.json), also when this run reused it."""
+    done = json.loads((run_dir / "done.json").read_text())
+    return {"best_valid_accuracy": done.get("best_valid_accuracy"), "train_steps": done["steps"],
+            "train_seconds": done["seconds"]}
 
 
 def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tuple[list[dict], dict]:
@@ -209,10 +216,8 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         seconds[method] = round(time.perf_counter() - began, 1)
     with autocast(config):
         rows, records = measure(config, models, splits)
-        for r in rows:  # each rung's own training, also when this run reused it
-            done = json.loads((runs_dir / r["method"] / "done.json").read_text())
-            r["best_valid_accuracy"] = done.get("best_valid_accuracy")
-            r["train_steps"], r["train_seconds"] = done["steps"], done["seconds"]
+        for r in rows:
+            r.update(_training_record(runs_dir / r["method"]))
         by_method, explained = {r["method"]: r for r in rows}, None
         if "system15" in models and "cot" in by_method:
             explained = explain_latency(models["system15"], splits["test"][0], by_method["system15"],
@@ -278,9 +283,8 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         with autocast(cfg):
             recs = evaluate(model, test, K=K, route=route, batch_size=cfg.eval.batch_size, max_new_tokens=mnt, desc=f"test {label}")
             ms = measure_latency(model, timing_set, K=K, route=route, max_new_tokens=mnt)
-        done = json.loads((runs_dir / (run_name or method) / "done.json").read_text())
-        rows.append({**_row(method, recs), "method": label, "latency_ms": ms, "best_valid_accuracy": done["best_valid_accuracy"],
-                     "train_steps": done["steps"], "train_seconds": done["seconds"], "overrides": list(overrides)})
+        rows.append({**_row(method, recs), "method": label, "latency_ms": ms,
+                     **_training_record(runs_dir / (run_name or method)), "overrides": list(overrides)})
         if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
             which = "last" if cfg.latent.probe_results == "last" else "first"
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
