@@ -19,6 +19,7 @@ from system15.data import (
     read_examples,
     write_aug_lines,
 )
+from system15.data.records import ANSWER_MARKER
 
 MULT_LINE = (
     "5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 ( 5 5 6 0 2 8 0 )"
@@ -265,6 +266,7 @@ def test_arbitrary_bytes_give_examples_or_data_error(scratch, data, fmt):
 
 _NOTE_TEXT = st.text(alphabet=st.characters(blacklist_characters="<>\n\r", blacklist_categories=("Cs",)), max_size=12)
 _NOTE = st.builds(lambda expr, result: f"<<{expr}={result}>>", _NOTE_TEXT, _NOTE_TEXT)
+_WELL_FORMED_NOTE = _NOTE.filter(lambda note: ANSWER_MARKER not in note)  # the marker belongs to the answer only
 
 
 @_PROPERTY
@@ -288,10 +290,16 @@ def test_format_round_trips_or_refuses(question, notes, answer):
     question=st.text(
         alphabet=st.characters(blacklist_characters="|\n\r", blacklist_categories=("Cs",)), min_size=1, max_size=40
     ).filter(str.strip),
-    notes=st.lists(_NOTE, max_size=4),
+    notes=st.lists(_WELL_FORMED_NOTE, max_size=4),
     answer=st.from_regex(r"-?[0-9]{1,6}", fullmatch=True),
 )
 def test_well_formed_examples_always_round_trip(question, notes, answer):
     example = Example(question, tuple(Step(note, "", False) for note in notes), answer)
     back = parse_aug_line(format_aug_line(example))
     assert (back.question, [s.text for s in back.steps], back.answer) == (question, notes, answer)
+
+
+def test_a_step_holding_the_answer_marker_is_refused_not_written():
+    example = Example("q", (Step("<<=####>>", "", False),), "0", "ex:1")
+    with pytest.raises(DataError, match="ex:1.*'####'"):
+        format_aug_line(example)
