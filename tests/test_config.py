@@ -162,3 +162,8 @@ def test_shipped_ablation_files_load():
     for path in sorted((DEMO.parent / "ablations").glob("*.yaml")):
         ablation = load_ablation(path)
         assert ablation.variants and all(ablation.config(v) for v in ablation.variants)
+
+
+def test_timing_rounds_must_be_a_positive_integer():
+    with pytest.raises(ConfigError, match="eval.timing_rounds"):
+        load_config(None, ["eval.timing_rounds=0"])

@@ -18,8 +18,8 @@ def randomise_routers(model, seed=0, spread=3.0):
         for p in model.shortcuts.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         for layer in model.shortcuts.layers:
-            layer.router.net[-1].weight.copy_(torch.randn(layer.router.net[-1].weight.shape, generator=g) * spread)
-            layer.router.net[-1].bias.zero_()
+            layer.score.weight.copy_(torch.randn(layer.score.weight.shape, generator=g) * spread)
+            layer.score.bias.zero_()
     return model
 
 
@@ -109,8 +109,8 @@ def test_soft_mix_with_closed_router_equals_full_layer(examples, family):
     model = tiny_model(examples, family, shortcuts=True)
     with torch.no_grad():
         for layer in model.shortcuts.layers:
-            layer.router.net[-1].bias.fill_(-1e4)  # w = sigmoid(-1e4) = 0 exactly
-            layer.vertical.up.weight.normal_()
+            layer.score.bias.fill_(-1e4)  # w = sigmoid(-1e4) = 0 exactly
+            layer.write.weight.normal_()
     ids, visible = pad(prompts_of(model, examples[:3]), model.tokenizer.pad_id, left=True)
     with torch.no_grad():
         outs = []

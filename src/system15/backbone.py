@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -187,25 +188,30 @@ class Backbone(nn.Module):
 
     def layer_kv(self, layer: int, h_in: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values layer `layer` would write for input h_in, via its own norm, K/V
-        projections and rotary embedding: the kv_policy="fill" cost of a skipped layer."""
+        projections and rotary embedding: the kv_policy="fill" cost of a skipped layer.
+        Only the K/V columns are computed; the queries are never needed."""
         block = self.layers[layer]
+        shape = (*h_in.shape[:-1], -1, self.layers_head_dim(layer))
         if self.family == "gpt2":
-            attn = block.attn
-            x = block.ln_1(h_in)
-            w, b = attn.c_attn.weight[:, attn.split_size:], attn.c_attn.bias[attn.split_size:]
-            k, v = torch.addmm(b, x.reshape(-1, x.shape[-1]), w).split(attn.split_size, dim=-1)
-            shape = (*h_in.shape[:-1], -1, attn.head_dim)
-            return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+            attn, norm = block.attn, block.ln_1
+            x = F.layer_norm(h_in, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            cols = slice(attn.split_size, None)
+            kv = torch.addmm(attn.c_attn.bias[cols], x.reshape(-1, x.shape[-1]), attn.c_attn.weight[:, cols])
+            k, v = kv.view(*shape[:-2], 2, *shape[-2:]).unbind(-3)
+            return k.transpose(1, 2), v.transpose(1, 2)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = block.self_attn
         x = block.input_layernorm(h_in)
-        shape = (*h_in.shape[:-1], -1, attn.head_dim)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape).transpose(1, 2)
+        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
         cos, sin = ctx.rotary
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k, v
+
+    def layers_head_dim(self, layer: int) -> int:
+        block = self.layers[layer]
+        return block.attn.head_dim if self.family == "gpt2" else block.self_attn.head_dim
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm.transformer.ln_f(h) if self.family == "gpt2" else self.lm.model.norm(h)

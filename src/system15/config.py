@@ -165,11 +165,14 @@ class EvalConfig:
     batch_size: int = _f(64, "batch size for accuracy runs")
     timing_batch_sizes: list = _f([1, 8, 64], "batch sizes at which wall-clock speedups are measured")
     timing_examples: int = _f(64, "examples per timing measurement (taken from the test set)")
+    timing_rounds: int = _f(3, "interleaved timing rounds; each method keeps its best round")
     sweep_depth: list = _f([0.3, 0.5, 0.7, 0.9], "lambda_depth values for the threshold sweep")
     sweep_step: list = _f([1, 2, 3], "K (lambda_step) values for the threshold sweep")
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.timing_examples >= 1, "eval", "sizes must be >= 1")
+        _check(isinstance(self.timing_rounds, int) and self.timing_rounds >= 1, "eval.timing_rounds",
+               f"must be an integer >= 1, got {self.timing_rounds!r}")
         _check(all(isinstance(b, int) and b >= 1 for b in self.timing_batch_sizes), "eval.timing_batch_sizes",
                f"batch sizes must be integers >= 1, got {self.timing_batch_sizes}")
         for value in self.sweep_depth:

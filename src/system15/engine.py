@@ -35,7 +35,7 @@ class StepResult:
     hidden: torch.Tensor            # [B, d] final-normed state (what the head reads)
     layers: list[torch.Tensor]      # h_{l,t} for every layer, each [B, d]
     weights: torch.Tensor | None    # [B, L] router scores (None without shortcuts)
-    ran: torch.Tensor               # [B, L] True where f_l ran for the row
+    ran: list[list[bool]]           # [B][L] True where f_l ran for the row
 
 
 def prefill(model, ids: torch.Tensor, visible: torch.Tensor):
@@ -49,37 +49,36 @@ def prefill(model, ids: torch.Tensor, visible: torch.Tensor):
     return cache, final[:, -1], [s[:, -1] for s in states], positions[:, -1] + 1
 
 
-def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, ctx, cache, bias, route):
-    """One layer under the hard choice: f_l only on the rows whose score is <= lambda."""
-    skip = w[:, 0, 0] > route.lambda_depth
-    n_skip = int(skip.sum())
-    if n_skip == 0:
+def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, depth, ctx, cache, bias, route):
+    """One layer under the hard choice: f_l only on the rows whose score is <= lambda.
+
+    Returns (out, k, v, skipped, hidden): `skipped` is a list of bools, one per row, read
+    from the scores in one host transfer (at batch 1 a layer is too cheap for more)."""
+    skipped = [score > route.lambda_depth for score in w.view(-1).tolist()]
+    if not any(skipped):
         out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
-        return out, k, v, ~skip, None
-    if n_skip == h.shape[0]:  # every row skips (always so at batch 1): no gather/scatter
-        out = sc.branch(h, h_prev[:, None])
-        if route.kv_policy == "fill":
+        return out, k, v, skipped, None
+    fill = route.kv_policy == "fill"
+    if all(skipped):  # always so at batch 1 when the row skips: no gather/scatter
+        out = sc.branch(h, depth, h_prev[:, None])
+        if fill:
             k, v = bb.layer_kv(layer, h, ctx)
-            return out, k, v, ~skip, None
+            return out, k, v, skipped, None
         k = torch.zeros_like(cache.keys[layer][:, :, :1])
-        return out, k, torch.zeros_like(k), ~skip, skip[:, None]
+        return out, k, torch.zeros_like(k), skipped, torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
+    skip = torch.tensor(skipped, device=h.device)
     run_rows = (~skip).nonzero(as_tuple=True)[0]
     skip_rows = skip.nonzero(as_tuple=True)[0]
     out = torch.empty_like(h)
-    out[skip_rows] = sc.branch(h[skip_rows], h_prev[skip_rows, None])
-    if route.kv_policy == "fill":
-        k_skip, v_skip = bb.layer_kv(layer, h[skip_rows], ctx.rows(skip_rows))
-    else:
-        k_skip = v_skip = None
+    out[skip_rows] = sc.branch(h[skip_rows], depth[skip_rows], h_prev[skip_rows, None])
     out_run, k_run, v_run = bb.run_layer(layer, h[run_rows], ctx.rows(run_rows), cache, rows=run_rows, bias=bias[run_rows])
     out[run_rows] = out_run
     k = k_run.new_zeros((h.shape[0], *k_run.shape[1:]))
     v = torch.zeros_like(k)
     k[run_rows], v[run_rows] = k_run, v_run
-    if k_skip is not None:
-        k[skip_rows], v[skip_rows] = k_skip, v_skip
-    hidden = None if route.kv_policy == "fill" else skip[:, None]
-    return out, k, v, ~skip, hidden
+    if fill:
+        k[skip_rows], v[skip_rows] = bb.layer_kv(layer, h[skip_rows], ctx.rows(skip_rows))
+    return out, k, v, skipped, None if fill else skip[:, None]
 
 
 def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -90,29 +89,31 @@ def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
     routed = model.shortcuts is not None and route.mode != "full"
-    layers, weights, ran, hidden = [], [], [], []
-    everyone = torch.ones(batch, dtype=torch.bool, device=x.device)
+    shortcuts = list(model.shortcuts.layers) if routed else None
+    layers, weights, hidden = [], [], []
+    ran = [[True] * bb.num_layers for _ in range(batch)]
     for layer in range(bb.num_layers):
         bias = bb.layer_bias(ctx, cache, layer)
-        hid, rows_ran = None, everyone
+        hid = None
         if not routed:
             out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
         else:
-            sc = model.shortcuts[layer]
-            w = sc.router(h)
+            sc = shortcuts[layer]
+            w, depth = sc.route(h)
             weights.append(w[:, 0, 0])
             if route.mode == "soft":
                 full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
-                out = sc.mix(w, h, prev[layer][:, None], full)
+                out = sc.mix(w, sc.branch(h, depth, prev[layer][:, None]), full)
             else:
-                out, k, v, rows_ran, hid = _hard_layer(bb, sc, layer, h, prev[layer], w, ctx, cache, bias, route)
+                out, k, v, skipped, hid = _hard_layer(bb, sc, layer, h, prev[layer], w, depth, ctx, cache, bias, route)
+                for row in (row for row, s in enumerate(skipped) if s):
+                    ran[row][layer] = False
         cache.append_kv(layer, k, v)
         layers.append(out[:, 0])
-        ran.append(rows_ran)
         hidden.append(hid)
         h = out
     cache.append_positions(torch.ones(batch, 1, dtype=torch.bool, device=x.device), hidden)
-    return StepResult(bb.final_norm(h)[:, 0], layers, torch.stack(weights, 1) if weights else None, torch.stack(ran, 1))
+    return StepResult(bb.final_norm(h)[:, 0], layers, torch.stack(weights, 1) if weights else None, ran)
 
 
 @dataclass
@@ -141,7 +142,7 @@ class _Ledger:
 
     def record(self, res: StepResult, cache: KVCache, active: torch.Tensor, emitted, thought: bool):
         c = self.counter
-        ran = res.ran.cpu().tolist()
+        ran = res.ran
         context = cache.visible.sum(1).cpu().tolist()
         live = active.tolist()
         emitted = None if emitted is None else emitted.tolist()

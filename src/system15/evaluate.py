@@ -2,7 +2,7 @@
 
 Per example: correct?, decoding steps (thought steps + generated tokens), FLOPs counted from
 the layers that ran, and which layers each step skipped (split by criticality). Latency is
-measured separately (`measure_latency`) so that every method is timed in the same run, on the
+measured separately (`measure_latencies`) so that every method is timed in the same run, on the
 same examples and at the same batch size.
 """
 
@@ -94,23 +94,36 @@ def summarize(records: list[Record]) -> dict:
     }
 
 
+def measure_latencies(runs: dict[str, tuple], examples: list[Example], *, batch_size: int = 1,
+                      max_new_tokens: int = 64, rounds: int = 1) -> dict[str, float]:
+    """Milliseconds per example (wall clock) for each named run `(model, K, route)`.
+
+    The runs are timed in interleaved rounds: each round times every run once, in turn, and
+    each run keeps its best round. A slow spell of a noisy machine then touches every method
+    alike instead of landing on one of them. Each run gets a warm-up batch first."""
+    prompts = {}
+    for name, (model, K, route) in runs.items():
+        model.eval()
+        prompts[name] = [prompt(model.tokenizer, encode(model.tokenizer, ex)) for ex in examples]
+        generate(model, prompts[name][:batch_size], K=K, route=route, max_new_tokens=max_new_tokens, account=False)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, (model, K, route) in runs.items():
+            _sync()
+            began = time.perf_counter()
+            for start in range(0, len(examples), batch_size):
+                generate(model, prompts[name][start:start + batch_size], K=K, route=route,
+                         max_new_tokens=max_new_tokens, account=False)
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - began)
+    return {name: 1000 * seconds / len(examples) for name, seconds in best.items()}
+
+
 def measure_latency(model, examples: list[Example], *, K: int | None, route: Route = FULL, batch_size: int = 1,
-                    max_new_tokens: int = 64, repeats: int = 1) -> float:
-    """Milliseconds per example (wall clock, best of `repeats` after a warm-up batch)."""
-    model.eval()
-    tok = model.tokenizer
-    prompts = [prompt(tok, encode(tok, ex)) for ex in examples]
-    generate(model, prompts[:batch_size], K=K, route=route, max_new_tokens=max_new_tokens, account=False)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync()
-        began = time.perf_counter()
-        for start in range(0, len(prompts), batch_size):
-            generate(model, prompts[start:start + batch_size], K=K, route=route, max_new_tokens=max_new_tokens,
-                     account=False)
-        _sync()
-        best = min(best, time.perf_counter() - began)
-    return 1000 * best / len(prompts)
+                    max_new_tokens: int = 64, rounds: int = 1) -> float:
+    """Milliseconds per example for one model (see `measure_latencies`)."""
+    return measure_latencies({"run": (model, K, route)}, examples, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, rounds=rounds)["run"]
 
 
 @torch.no_grad()
@@ -129,6 +142,7 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     x = model.thought_input(0, last)
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
+    depth = sc.route(h)[1]
 
     def outside_layers():
         hh = bb.layer_input(x[:, None], positions[:, None])
@@ -138,8 +152,8 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     parts = {
         "prefill": lambda: prefill(model, ids, visible),
         "full_layer": lambda: bb.run_layer(0, h, ctx, cache),
-        "router": lambda: sc.router(h),
-        "adapters": lambda: sc.branch(h, prev[0][:, None]),
+        "router": lambda: sc.route(h),
+        "adapters": lambda: sc.branch(h, depth, prev[0][:, None]),
         "kv_fill": lambda: bb.layer_kv(0, h, ctx),
         "step_outside_layers": outside_layers,
     }

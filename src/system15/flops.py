@@ -47,8 +47,8 @@ class FlopCounter:
         router = adapters = 0
         if model.shortcuts is not None:
             sc = model.shortcuts[0]
-            router = _matmul_params(sc.router)
-            adapters = _matmul_params(sc.vertical) + _matmul_params(sc.horizontal)
+            router = sum(_matmul_params(m) for m in sc.router_modules())
+            adapters = sum(_matmul_params(m) for m in sc.adapter_modules())
         return cls(_matmul_params(block), attn_width, kv, router, adapters, _matmul_params(model.projection))
 
     def full_layer(self, context: int) -> int:

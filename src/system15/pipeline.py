@@ -24,7 +24,8 @@ from .config import METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
 from .engine import FULL, Route
-from .evaluate import accuracy, evaluate, latency_breakdown, measure_latency, records_as_dicts, summarize
+from .evaluate import (accuracy, evaluate, latency_breakdown, measure_latencies, measure_latency, records_as_dicts,
+                       summarize)
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
@@ -126,28 +127,22 @@ def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tup
         records[method] = records_as_dicts(recs)
         rows.append(_row(method, recs))
     timing_set = test[: config.eval.timing_examples]
-    latency: dict[int, dict[str, float]] = {}
-    for bs in tqdm(config.eval.timing_batch_sizes, desc="timing", leave=False):
-        latency[bs] = {}
-        for method, model in models.items():
-            K = objective_for(method, config).eval_K(config)
-            latency[bs][method] = measure_latency(model, timing_set, K=K, route=route_for(method, config), batch_size=bs,
-                                                  max_new_tokens=config.task.max_new_tokens)
+    runs = {method: (model, objective_for(method, config).eval_K(config), route_for(method, config))
+            for method, model in models.items()}
+    latency = {bs: measure_latencies(runs, timing_set, batch_size=bs, max_new_tokens=config.task.max_new_tokens,
+                                     rounds=config.eval.timing_rounds)
+               for bs in tqdm(config.eval.timing_batch_sizes, desc="timing", leave=False)}
     by_method = {r["method"]: r for r in rows}
     for r in rows:
         m = r["method"]
         for bs in config.eval.timing_batch_sizes:
-            ratio = latency[bs]["cot"] / latency[bs][m] if "cot" in latency[bs] else float("nan")
-            if bs == 1:
-                r["latency_ms"] = latency[bs][m]
-                r["speedup_vs_cot"] = ratio
-                if "nocot" in latency[bs]:
-                    r["latency_vs_nocot"] = latency[bs][m] / latency[bs]["nocot"]
-                if "latent" in latency[bs]:
-                    r["speedup_vs_latent"] = latency[bs]["latent"] / latency[bs][m]
-            else:
-                r[f"speedup_vs_cot_b{bs}"] = ratio
-                r[f"latency_ms_b{bs}"] = latency[bs][m]
+            ms, suffix = latency[bs], ("" if bs == 1 else f"_b{bs}")
+            r[f"latency_ms{suffix}"] = ms[m]
+            r[f"speedup_vs_cot{suffix}"] = ms["cot"] / ms[m] if "cot" in ms else float("nan")
+            if "latent" in ms:
+                r[f"speedup_vs_latent{suffix}"] = ms["latent"] / ms[m]
+            if bs == 1 and "nocot" in ms:
+                r["latency_vs_nocot"] = ms[m] / ms["nocot"]
     if "system15" in by_method and "latent" in by_method:
         s, l = by_method["system15"], by_method["latent"]
         s["flops_reduction_vs_latent"] = l["flops_per_step"] / s["flops_per_step"]
