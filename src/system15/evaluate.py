@@ -119,13 +119,6 @@ def measure_latencies(runs: dict[str, tuple], examples: list[Example], *, batch_
     return {name: 1000 * seconds / len(examples) for name, seconds in best.items()}
 
 
-def measure_latency(model, examples: list[Example], *, K: int | None, route: Route = FULL, batch_size: int = 1,
-                    max_new_tokens: int = 64, rounds: int = 1) -> float:
-    """Milliseconds per example for one model (see `measure_latencies`)."""
-    return measure_latencies({"run": (model, K, route)}, examples, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, rounds=rounds)["run"]
-
-
 @torch.no_grad()
 def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[str, float]:
     """Where batch-1 decoding time goes, in microseconds (median of `repeats` calls), on one

@@ -24,8 +24,7 @@ from .config import METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
 from .engine import FULL, Route
-from .evaluate import (accuracy, evaluate, latency_breakdown, measure_latencies, measure_latency, records_as_dicts,
-                       summarize)
+from .evaluate import accuracy, evaluate, latency_breakdown, measure_latencies, records_as_dicts, summarize
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
@@ -173,21 +172,24 @@ def explain_latency(model: ReasoningModel, example: Example, row: dict, cot_ms: 
 
 
 def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, splits) -> list[dict]:
-    """lambda_depth x K grid: accuracy on the test set and batch-1 speedup against CoT."""
+    """lambda_depth x K grid: accuracy on the test set and batch-1 speedup against CoT, every
+    point and CoT timed in the same interleaved rounds."""
     test = splits["test"]
-    timing_set = test[: config.eval.timing_examples]
     mnt = config.task.max_new_tokens
-    cot_ms = measure_latency(cot, timing_set, K=None, max_new_tokens=mnt) if cot is not None else float("nan")
-    points = []
+    points, runs = [], {}
     grid = [(d, k) for k in config.eval.sweep_step for d in config.eval.sweep_depth]
     for depth, K in tqdm(grid, desc="sweep", leave=False):
         route = route_for("system15", config, depth)
-        recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size, max_new_tokens=mnt)
-        ms = measure_latency(model, timing_set, K=K, route=route, max_new_tokens=mnt)
-        s = summarize(recs)
-        points.append({"lambda_depth": depth, "K": K, "accuracy": s["accuracy"], "latency_ms": ms,
-                       "speedup_vs_cot": cot_ms / ms, "flops_per_step": s["flops_per_step"],
+        s = summarize(evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size, max_new_tokens=mnt))
+        runs[(depth, K)] = (model, K, route)
+        points.append({"lambda_depth": depth, "K": K, "accuracy": s["accuracy"], "flops_per_step": s["flops_per_step"],
                        "skip_frac_critical": s["skip_frac_critical"], "skip_frac_noncritical": s["skip_frac_noncritical"]})
+    if cot is not None:
+        runs["cot"] = (cot, None, FULL)
+    ms = measure_latencies(runs, test[: config.eval.timing_examples], max_new_tokens=mnt, rounds=config.eval.timing_rounds)
+    for point, key in zip(points, grid):
+        point["latency_ms"] = ms[key]
+        point["speedup_vs_cot"] = ms["cot"] / ms[key] if cot is not None else float("nan")
     return points
 
 
@@ -271,20 +273,23 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         parent = INIT_FROM[parent]
     for method in chain:  # the parent rungs every variant starts from
         train_rung(base, method, splits, runs_dir)
-    rows = []
+    rows, runs = [], {}
     for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
         model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
         K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
         with autocast(cfg):
             recs = evaluate(model, test, K=K, route=route, batch_size=cfg.eval.batch_size, max_new_tokens=mnt, desc=f"test {label}")
-            ms = measure_latency(model, timing_set, K=K, route=route, max_new_tokens=mnt)
-        rows.append({**_row(method, recs), "method": label, "latency_ms": ms,
+        runs[label] = (model, K, route)
+        rows.append({**_row(method, recs), "method": label,
                      **_training_record(runs_dir / (run_name or method)), "overrides": list(overrides)})
         if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
             which = "last" if cfg.latent.probe_results == "last" else "first"
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
-    reference_ms = rows[0]["latency_ms"]  # CoT's, unless CoT itself is the ablated rung
+    with autocast(base):  # batch-1 timing of every row, in interleaved rounds
+        ms = measure_latencies(runs, timing_set, max_new_tokens=mnt, rounds=base.eval.timing_rounds)
+    reference_ms = ms[rows[0]["method"]]  # CoT's, unless CoT itself is the ablated rung
     for r in rows:
+        r["latency_ms"] = ms[r["method"]]
         r["speedup_vs_cot"] = reference_ms / r["latency_ms"]
     summary = {"task": base.task.name, "backbone": _backbone_name(base), "device": device_name(), "command": command,
                "ablation": str(ablation.path), "rows": rows, "test_examples": len(test),
