@@ -162,3 +162,34 @@ def test_probe_readout_scores_the_first_result_of_each_segment(examples):
         assert probe_readout(model, enc, K=2) == expected
     model.backbone.head = scripted_head(model, [says(e.results[0]) + says(e.results[2]) for e in enc])
     assert probe_readout(model, enc, K=2, which="last") == [1.0, 1.0]
+
+
+def test_the_student_starting_from_the_teachers_prompt_pass_is_exact(examples, family):
+    """Stage 1's student reuses the teacher's pass over the prompt instead of its own prefill:
+    the same student loss, thought states and gradients as with a separate prefill."""
+    from system15.backbone import KVCache
+    from system15.train.objective import prompt_prefix, sequence_forward
+
+    model = tiny_model(examples, family)
+    model.train()
+    batch = LatentDistillation(tiny_config(family)).collate(model, encoded(model, examples[:5]))
+    lengths = {int(n) for n in batch["prompt_len"]}
+    assert len(lengths) > 1, "the case should mix prompt lengths (left vs right padding)"
+
+    def student_pass(shared: bool):
+        model.zero_grad()
+        cache = KVCache.empty(model.num_layers)
+        t_nll, t_final, _ = sequence_forward(model, batch["teacher"], cache=cache)
+        start = prompt_prefix(cache, t_final, batch["prompt_len"]) if shared else None
+        student = thought_forward(model, batch["student"], batch["K"], start=start)
+        (t_nll + student.nll).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return student.nll.detach(), [t.hidden.detach() for t in student.thoughts], grads
+
+    own, shared = student_pass(False), student_pass(True)
+    torch.testing.assert_close(shared[0], own[0])
+    for a, b in zip(shared[1], own[1]):
+        torch.testing.assert_close(a, b)
+    assert len(shared[2]) == len(own[2])
+    for a, b in zip(shared[2], own[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -54,6 +54,15 @@ class KVCache:
         """An independent branch: tensors are shared, never written in place, so this is cheap."""
         return KVCache(list(self.keys), list(self.values), self.visible, list(self.hidden))
 
+    def prefix(self, length: int, visible: torch.Tensor) -> "KVCache":
+        """The first `length` positions, of which only `visible` ([B, length]) stay visible:
+        a prompt's cache cut out of a pass over `prompt + more`, right-padded."""
+        def cut(t):
+            return None if t is None else t[:, :, :length]
+
+        return KVCache([cut(k) for k in self.keys], [cut(v) for v in self.values], visible & self.visible[:, :length],
+                       [None if h is None else h[:, :length] for h in self.hidden])
+
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append new positions (k, v: [B, H, q, D]) to one layer."""
         if self.keys[layer] is None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backbone import KVCache, positions_from_mask
 from ..engine import decode_step, prefill
 from ..layout import IGNORE, Encoded, pad, prompt, sequence_batch
 
@@ -51,14 +52,25 @@ def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def sequence_forward(model, batch: dict, keep_layers: bool = False):
-    """Teacher forcing over right-padded sequences (ids, visible, labels)."""
-    from ..backbone import positions_from_mask
-
+def sequence_forward(model, batch: dict, keep_layers: bool = False, cache: KVCache | None = None):
+    """Teacher forcing over right-padded sequences (ids, visible, labels); writes `cache` when given."""
     bb = model.backbone
     final, states = bb.forward_full(bb.embed(batch["ids"]), positions_from_mask(batch["visible"]),
-                                    batch["visible"], keep_layers=keep_layers)
+                                    batch["visible"], cache, keep_layers=keep_layers)
     return example_nll(bb.head(final), batch["labels"]), final, states
+
+
+def prompt_prefix(cache: KVCache, final: torch.Tensor, prompt_len: torch.Tensor) -> tuple:
+    """A prompt prefill, taken from a pass over right-padded `prompt + chain` (its `cache`
+    and final states): the prompt tokens sit at the same positions and see only each other,
+    so their keys, values and last state are exactly what the prompt alone would give.
+    Returns (cache, h_L of the last prompt token, next position ids), as `thoughts_after_prompt`
+    takes them. Stage 1's student starts here instead of running the prompt again; the
+    gradients of both losses meet in the one shared pass, as they would in two."""
+    width = int(prompt_len.max())
+    visible = torch.arange(width, device=prompt_len.device)[None] < prompt_len[:, None]
+    rows = torch.arange(len(prompt_len), device=prompt_len.device)
+    return cache.prefix(width, visible), final[rows, prompt_len - 1], prompt_len.clone()
 
 
 def thought_batch(model, examples: list[Encoded], tails: list[list[int]]) -> dict:
@@ -78,10 +90,14 @@ class ThoughtPass:
     forks: list                       # (cache branch, next positions) after each thought step
 
 
-def thoughts_after_prompt(model, ids: torch.Tensor, visible: torch.Tensor, K: int):
-    """Prompt prefill, then K thought steps (full path). Returns the cache, the next position
-    ids, each step's StepResult, and a cache branch (with its next positions) after each step."""
-    cache, last, prev, positions = prefill(model, ids, visible)
+def thoughts_after_prompt(model, ids: torch.Tensor, visible: torch.Tensor, K: int, start: tuple | None = None):
+    """Prompt prefill (or `start`, from `prompt_prefix`), then K thought steps (full path).
+    Returns the cache, the next position ids, each step's StepResult, and a cache branch (with
+    its next positions) after each step."""
+    if start is None:
+        cache, last, prev, positions = prefill(model, ids, visible)
+    else:
+        (cache, last, positions), prev = start, [None] * model.num_layers  # the full path never reads prev
     thoughts, forks = [], []
     for k in range(K):
         res = decode_step(model, model.thought_input(k, last), positions, cache, prev)
@@ -91,9 +107,9 @@ def thoughts_after_prompt(model, ids: torch.Tensor, visible: torch.Tensor, K: in
     return cache, positions, thoughts, forks
 
 
-def thought_forward(model, batch: dict, K: int, keep_layers: bool = False) -> ThoughtPass:
-    """Prompt prefill, K thought steps (full path), then the tail by teacher forcing."""
-    cache, positions, thoughts, forks = thoughts_after_prompt(model, batch["ids"], batch["visible"], K)
+def thought_forward(model, batch: dict, K: int, keep_layers: bool = False, start: tuple | None = None) -> ThoughtPass:
+    """Prompt prefill (or `start`), K thought steps (full path), then the tail by teacher forcing."""
+    cache, positions, thoughts, forks = thoughts_after_prompt(model, batch["ids"], batch["visible"], K, start)
     final, states = teacher_force(model, cache, positions, batch["tail"], batch["tail_visible"], keep_layers)
     return ThoughtPass(example_nll(model.backbone.head(final), batch["labels"]), thoughts, final, states, forks)
 

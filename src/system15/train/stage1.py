@@ -23,9 +23,10 @@ import re
 
 import torch
 
+from ..backbone import KVCache
 from ..layout import Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
-from .objective import (Objective, example_nll, sequence_forward, teacher_force, thought_batch, thought_forward,
-                        thoughts_after_prompt)
+from .objective import (Objective, example_nll, prompt_prefix, sequence_forward, teacher_force, thought_batch,
+                        thought_forward, thoughts_after_prompt)
 
 
 class LatentDistillation(Objective):
@@ -73,7 +74,8 @@ class LatentDistillation(Objective):
         # the last marker id predicts the answer's first digit: that is "the position before the answer"
         teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples])
         student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in examples])
-        batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "student": student,
+        prompt_len = torch.tensor([len(pair[0]) for pair in teacher_pairs])
+        batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "prompt_len": prompt_len, "student": student,
                  "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before,
                  "K": self.active}
         if self.probe:
@@ -93,8 +95,10 @@ class LatentDistillation(Objective):
 
     def loss(self, model, batch):
         codi = self.rule == "codi"
-        t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=codi)
-        student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi)
+        teacher_cache = KVCache.empty(model.num_layers)
+        t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=codi, cache=teacher_cache)
+        start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
+        student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start)
         if codi:
             align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"])
         else:
