@@ -51,6 +51,7 @@ def test_system15_latency_is_taken_apart(ladder):
     assert parts["forwards_per_example"] == s15["forwards_per_example"] >= config.latent.K + 1
     assert 0 <= parts["layers_run_per_example"] <= parts["forwards_per_example"] * config.backbone.n_layer
     assert parts["rebuilt_ms"] > 0 and parts["measured_ms"] == s15["latency_ms"]
+    assert parts["cot_rebuilt_ms"] * 1000 > parts["prefill_us"]  # CoT rebuilt from the same parts, chain included
     assert "rebuilt from its parts" in (root / "results" / "tiny" / "summary.md").read_text()
 
 
