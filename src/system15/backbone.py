@@ -200,7 +200,7 @@ class Backbone(nn.Module):
         projections and rotary embedding: the kv_policy="fill" cost of a skipped layer.
         Only the K/V columns are computed; the queries are never needed."""
         block = self.layers[layer]
-        shape = (*h_in.shape[:-1], -1, self.layers_head_dim(layer))
+        shape = (*h_in.shape[:-1], -1, self.head_dim(layer))
         if self.family == "gpt2":
             attn, norm = block.attn, block.ln_1
             x = F.layer_norm(h_in, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -218,7 +218,7 @@ class Backbone(nn.Module):
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k, v
 
-    def layers_head_dim(self, layer: int) -> int:
+    def head_dim(self, layer: int) -> int:
         block = self.layers[layer]
         return block.attn.head_dim if self.family == "gpt2" else block.self_attn.head_dim
 

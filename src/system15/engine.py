@@ -106,8 +106,8 @@ def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 out = sc.mix(w, sc.branch(h, depth, prev[layer][:, None]), full)
             else:
                 out, k, v, skipped, hid = _hard_layer(bb, sc, layer, h, prev[layer], w, depth, ctx, cache, bias, route)
-                for row in (row for row, s in enumerate(skipped) if s):
-                    ran[row][layer] = False
+                for row, skip in enumerate(skipped):
+                    ran[row][layer] = not skip
         cache.append_kv(layer, k, v)
         layers.append(out[:, 0])
         hidden.append(hid)
