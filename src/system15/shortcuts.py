@@ -64,9 +64,6 @@ class LayerShortcut(nn.Module):
         router, depth = hidden[..., : self.router_hidden], hidden[..., self.router_hidden:]
         return torch.sigmoid(F.linear(router, self.score.weight, self.score.bias)), depth
 
-    def router(self, h_in: torch.Tensor) -> torch.Tensor:
-        return self.route(h_in)[0]
-
     def branch(self, h_in: torch.Tensor, depth: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
         """g_l(h_{l-1,t}) + g'_l(h_{l,t-1}), with g_l's bottleneck `depth` from `route`."""
         step = _gelu_linear(self.read_prev, _norm(self.norm_prev, h_prev))

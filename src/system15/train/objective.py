@@ -64,13 +64,15 @@ def prompt_prefix(cache: KVCache, final: torch.Tensor, prompt_len: torch.Tensor)
     """A prompt prefill, taken from a pass over right-padded `prompt + chain` (its `cache`
     and final states): the prompt tokens sit at the same positions and see only each other,
     so their keys, values and last state are exactly what the prompt alone would give.
-    Returns (cache, h_L of the last prompt token, next position ids), as `thoughts_after_prompt`
-    takes them. Stage 1's student starts here instead of running the prompt again; the
-    gradients of both losses meet in the one shared pass, as they would in two."""
+    Returns what `engine.prefill` returns, less the per-layer states, which only shortcuts
+    read: (cache, h_L of the last prompt token, None per layer, next position ids). Stage 1's
+    student starts here instead of running the prompt again; the gradients of both losses
+    meet in the one shared pass, as they would in two."""
     width = int(prompt_len.max())
     visible = torch.arange(width, device=prompt_len.device)[None] < prompt_len[:, None]
     rows = torch.arange(len(prompt_len), device=prompt_len.device)
-    return cache.prefix(width, visible), final[rows, prompt_len - 1], prompt_len.clone()
+    return (cache.prefix(width, visible), final[rows, prompt_len - 1], [None] * len(cache.keys),
+            prompt_len.clone())
 
 
 def thought_batch(model, examples: list[Encoded], tails: list[list[int]]) -> dict:
@@ -90,14 +92,11 @@ class ThoughtPass:
     forks: list                       # (cache branch, next positions) after each thought step
 
 
-def thoughts_after_prompt(model, ids: torch.Tensor, visible: torch.Tensor, K: int, start: tuple | None = None):
-    """Prompt prefill (or `start`, from `prompt_prefix`), then K thought steps (full path).
+def thoughts_after_prompt(model, prefilled: tuple, K: int):
+    """K thought steps (full path) after a prompt prefill (`engine.prefill`, or `prompt_prefix`).
     Returns the cache, the next position ids, each step's StepResult, and a cache branch (with
     its next positions) after each step."""
-    if start is None:
-        cache, last, prev, positions = prefill(model, ids, visible)
-    else:
-        (cache, last, positions), prev = start, [None] * model.num_layers  # the full path never reads prev
+    cache, last, prev, positions = prefilled
     thoughts, forks = [], []
     for k in range(K):
         res = decode_step(model, model.thought_input(k, last), positions, cache, prev)
@@ -108,8 +107,10 @@ def thoughts_after_prompt(model, ids: torch.Tensor, visible: torch.Tensor, K: in
 
 
 def thought_forward(model, batch: dict, K: int, keep_layers: bool = False, start: tuple | None = None) -> ThoughtPass:
-    """Prompt prefill (or `start`), K thought steps (full path), then the tail by teacher forcing."""
-    cache, positions, thoughts, forks = thoughts_after_prompt(model, batch["ids"], batch["visible"], K, start)
+    """Prompt prefill (or `start`, a prefill already made), K thought steps (full path), then
+    the tail by teacher forcing."""
+    prefilled = start if start is not None else prefill(model, batch["ids"], batch["visible"])
+    cache, positions, thoughts, forks = thoughts_after_prompt(model, prefilled, K)
     final, states = teacher_force(model, cache, positions, batch["tail"], batch["tail_visible"], keep_layers)
     return ThoughtPass(example_nll(model.backbone.head(final), batch["labels"]), thoughts, final, states, forks)
 

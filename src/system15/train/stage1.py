@@ -24,6 +24,7 @@ import re
 import torch
 
 from ..backbone import KVCache
+from ..engine import prefill
 from ..layout import Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
 from .objective import (Objective, example_nll, prompt_prefix, sequence_forward, teacher_force, thought_batch,
                         thought_forward, thoughts_after_prompt)
@@ -131,7 +132,7 @@ def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", 
     over the examples that have one."""
     tok = model.tokenizer
     ids, visible = pad([prompt(tok, e) for e in examples], tok.pad_id, left=True)
-    _, _, _, forks = thoughts_after_prompt(model, ids, visible, K)
+    _, _, _, forks = thoughts_after_prompt(model, prefill(model, ids, visible), K)
     pick = slice(0, 1) if which == "first" else slice(-1, None)
     scores = []
     for k, (cache, positions) in enumerate(forks):
