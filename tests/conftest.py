@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT.parent / "shared" / "data"
 
 
-def tiny_config(family: str = "gpt2", **overrides):
+def tiny_pairs(family: str = "gpt2", **overrides) -> list[str]:
+    """The `key=value` settings of a tiny model, as a command line would give them."""
     pairs = [f"backbone.family={family}", "backbone.n_layer=3", "backbone.n_embd=32", "backbone.n_head=4",
              f"task.data_root={DATA_ROOT}", "shortcut.adapter_dim=8", "shortcut.router_hidden=8"]
-    pairs += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(None, pairs)
+    return pairs + [f"{k}={v}" for k, v in overrides.items()]
+
+
+def tiny_config(family: str = "gpt2", **overrides):
+    return load_config(None, tiny_pairs(family, **overrides))
 
 
 @pytest.fixture(scope="session")

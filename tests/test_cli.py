@@ -4,10 +4,11 @@ import json
 
 import pytest
 
+from system15.checkpoint import write_atomic
 from system15.cli import main
 from system15.config import help_lines
 
-from conftest import DATA_ROOT, tiny_model
+from conftest import DATA_ROOT, tiny_config, tiny_model, tiny_pairs
 
 TINY = ["backbone.n_layer=2", "backbone.n_embd=32", "backbone.n_head=2", f"task.data_root={DATA_ROOT}",
         "task.n_train=64", "task.n_valid=4", "task.n_test=6", "task.max_new_tokens=8", "methods=[cot,nocot]",
@@ -73,3 +74,20 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     data.write_text('{"question": "q", "answer": 3}\n')
     assert main(["eval", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert "not a system15 model folder" in capsys.readouterr().err
+
+
+def test_a_finished_run_with_other_settings_is_a_clear_error(tmp_path, capsys, examples):
+    """`train` on a run folder left by other settings stops, names the key, and keeps the run."""
+    model = tiny_model(examples, thought="pause")
+    run = tmp_path / "runs" / "demo" / "pause"
+    write_atomic(run / "best", model.save)
+    trained_with = tiny_config(**{"latent.pause_K": 5, "task.n_train": 64}).to_dict()
+    (run / "run.json").write_text(json.dumps({"method": "pause", "config": trained_with, "train": {}}))
+    (run / "done.json").write_text(json.dumps({"steps": 1, "seconds": 1.0}))
+    before = sorted(p.name for p in run.rglob("*"))
+    argv = ["train", "--method", "pause", "--runs", str(tmp_path / "runs"),
+            *tiny_pairs(**{"latent.pause_K": 2, "task.n_train": 64})]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(run) in err and "latent.pause_K: trained with 5, asked for 2" in err
+    assert sorted(p.name for p in run.rglob("*")) == before

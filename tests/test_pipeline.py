@@ -1,13 +1,18 @@
 """The whole ladder, in miniature: every rung trains, the table and figures are written."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
+import torch
 
-from system15.config import METHODS
-from system15.config import load_ablation
-from system15.pipeline import load_splits, run_ablation, run_ladder, train_rung
+from system15.checkpoint import write_atomic
+from system15.config import METHODS, load_ablation
+from system15.model import load_reasoning_model
+from system15.pipeline import load_splits, run_ablation, run_ladder, train_rung, train_stage1
+from system15.rungs import StaleRunError, weights_digest
 
 from conftest import tiny_config
 
@@ -108,3 +113,50 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     assert rows["latent: segment"]["decoding_steps"] >= config.latent.K + 1
     md = (root / "results" / "levers" / "summary.md").read_text()
     assert "`latent.K=1`" in md and "best validation accuracy" in md
+
+
+def _replace(config, section: str, **changes):
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def test_a_run_trained_on_other_settings_is_refused_with_the_keys_named(ladder):
+    root, config, _ = ladder
+    runs = root / "runs" / "tiny"
+    splits = load_splits(config)
+    stamp = (runs / "pause" / "done.json").stat().st_mtime_ns
+    train_rung(_replace(config, "shortcut", mu=0.9), "pause", splits, runs)  # a key pause never reads
+    assert (runs / "pause" / "done.json").stat().st_mtime_ns == stamp
+    with pytest.raises(StaleRunError, match=r"latent\.pause_K: trained with 2, asked for 3"):
+        train_rung(_replace(config, "latent", pause_K=3), "pause", splits, runs)
+    with pytest.raises(StaleRunError, match=r"task\.n_steps: trained with 3, asked for 4"):
+        train_rung(_replace(config, "task", n_steps=4), "cot", splits, runs)
+    stages = {**config.stages, "system15": dataclasses.replace(config.stage("system15"), lr=0.5)}
+    with pytest.raises(StaleRunError, match=r"stages\.system15\.lr: trained with 0\.001, asked for 0\.5"):
+        train_rung(dataclasses.replace(config, stages=stages), "system15", splits, runs)
+    assert (runs / "pause" / "done.json").stat().st_mtime_ns == stamp  # nothing was lost
+
+
+def test_a_run_whose_parent_was_retrained_is_refused(ladder, tmp_path):
+    root, config, _ = ladder
+    runs = tmp_path / "tiny"
+    shutil.copytree(root / "runs" / "tiny", runs)
+    splits = load_splits(config)
+    train_rung(config, "pause", splits, runs)  # same parent weights: reused
+    cot = load_reasoning_model(runs / "cot" / "best", config)
+    with torch.no_grad():
+        cot.backbone.lm.get_input_embeddings().weight.add_(0.01)
+    write_atomic(runs / "cot" / "best", cot.save)  # as if the CoT rung had been trained again
+    with pytest.raises(StaleRunError, match="the parent was retrained"):
+        train_rung(config, "pause", splits, runs)
+
+
+def test_the_latent_rung_follows_the_rule_chosen_on_validation(ladder, tmp_path):
+    root, config, summary = ladder
+    runs = tmp_path / "tiny"
+    shutil.copytree(root / "runs" / "tiny", runs)
+    chosen = summary["stage1_align"]["chosen"]
+    other = next(r for r in ("segment", "codi") if r != chosen)
+    shutil.rmtree(runs / "latent")
+    shutil.copytree(runs / f"latent-{other}", runs / "latent", ignore=shutil.ignore_patterns("checkpoints"))
+    train_stage1(config, load_splits(config), runs)
+    assert weights_digest(runs / "latent" / "best") == weights_digest(runs / f"latent-{chosen}" / "best")

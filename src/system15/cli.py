@@ -12,7 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import METHODS, ConfigError, help_lines, load_config
+from .rungs import StaleRunError
 
 _REPO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DEMO_RECIPE = "configs/demo.yaml" if Path("configs/demo.yaml").exists() or not _REPO_RECIPE.exists() else str(_REPO_RECIPE)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"system15: configuration error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, StaleRunError) as e:
         print(f"system15: error: {e}", file=sys.stderr)
         return 2
 

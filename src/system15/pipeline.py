@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import latest_good
 from .config import METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
@@ -28,12 +29,11 @@ from .evaluate import accuracy, evaluate, latency_breakdown, measure_latencies, 
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
+from .rungs import INIT_FROM, check_reusable, provenance, weights_digest
 from .runtime import accelerator_for, autocast, device_for
 from .train import objective_for
 from .train.loop import fit, is_done
 from .train.stage1 import probe_readout
-
-INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
 
 
 def load_splits(config: RunConfig) -> dict[str, list[Example]]:
@@ -58,9 +58,13 @@ def route_for(method: str, config: RunConfig, lambda_depth: float | None = None)
 
 
 def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name: str | None = None) -> ReasoningModel:
-    """Train one method (or load it when its rung is already done); returns its best model."""
+    """Train one method (or load it when its rung is already done); returns its best model.
+    A finished or resumable run is only reused if it was trained on the same settings, from
+    the same parent weights (`rungs.check_reusable`); otherwise StaleRunError says why."""
     run_dir = runs_dir / (run_name or method)
     objective = objective_for(method, config)
+    if is_done(run_dir) or latest_good(run_dir) is not None:
+        check_reusable(run_dir, method, config.to_dict(), vars(config.stage(method)), runs_dir)
     if not is_done(run_dir):
         parent = INIT_FROM[method]
         if parent is None:
@@ -78,7 +82,8 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
                                                                  max_new_tokens=config.task.max_new_tokens), valid))
 
         encoded = [encode(model.tokenizer, e) for e in splits["train"]]
-        fit(model, objective, encoded, config.stage(method), run_dir, validate, accelerator=accelerator_for(config))
+        fit(model, objective, encoded, config.stage(method), run_dir, validate, accelerator=accelerator_for(config),
+            provenance=provenance(method, runs_dir))
     model = load_reasoning_model(run_dir / "best", config)
     return model.to(device_for(config))
 
@@ -95,11 +100,11 @@ def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
         train_rung(cfg, "latent", splits, runs_dir, run_name=name)
         scores[rule] = _best_score(runs_dir / name)
     chosen = max(scores, key=scores.get)
-    latent_dir = runs_dir / "latent"
-    if not is_done(latent_dir):
+    latent_dir, chosen_dir = runs_dir / "latent", runs_dir / f"latent-{chosen}"
+    if not is_done(latent_dir) or weights_digest(latent_dir / "best") != weights_digest(chosen_dir / "best"):
         if latent_dir.exists():
             shutil.rmtree(latent_dir)
-        shutil.copytree(runs_dir / f"latent-{chosen}", latent_dir, ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.copytree(chosen_dir, latent_dir, ignore=shutil.ignore_patterns("checkpoints"))
     model = load_reasoning_model(latent_dir / "best", config).to(device_for(config))
     return model, {**scores, "chosen": chosen}
 

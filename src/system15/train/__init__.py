@@ -6,6 +6,6 @@
     stage2.py    stage 2: full latent path to the shortcut path
 """
 
-from .objective import Objective, objective_for
+from .objective import Objective, objective_class, objective_for
 
-__all__ = ["Objective", "objective_for"]
+__all__ = ["Objective", "objective_class", "objective_for"]

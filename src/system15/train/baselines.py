@@ -10,6 +10,7 @@ class Pause(Objective):
 
     name = "pause"
     thought = "pause"
+    settings = ("latent.pause_K",)
 
     def __init__(self, config):
         self.K = config.latent.pause_K
@@ -32,6 +33,7 @@ class Coconut(Objective):
 
     name = "coconut"
     thought = "hidden"
+    settings = ("latent.coconut_c", "latent.coconut_stages")
 
     def __init__(self, config):
         self.c, self.stages = config.latent.coconut_c, config.latent.coconut_stages

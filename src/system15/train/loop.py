@@ -141,11 +141,13 @@ def global_mean(accelerator, loss: torch.Tensor, metrics: dict) -> tuple[float, 
 
 
 def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run_dir: str | Path,
-        validate: Callable[[object], float] | None = None, accelerator=None, quiet: bool = False) -> dict:
+        validate: Callable[[object], float] | None = None, accelerator=None, quiet: bool = False,
+        provenance: dict | None = None) -> dict:
     """Train `model` with `objective`; returns the summary also written to done.json.
 
     `validate(model)` is called on every process (same weights, same score); it may split
-    its work with `system15.distributed.shard_map`. Only the main process writes files."""
+    its work with `system15.distributed.shard_map`. Only the main process writes files.
+    `provenance` (where the starting weights came from) joins run.json."""
     run_dir = Path(run_dir)
     if accelerator is None:
         from accelerate import Accelerator
@@ -173,7 +175,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)  # left by a run that died before its first checkpoint
-        record = run_record(objective, model, cfg, accelerator)
+        record = {**run_record(objective, model, cfg, accelerator), **(provenance or {})}
         (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
 
     def log(entry: dict) -> None:

@@ -17,6 +17,10 @@ class Objective:
 
     name = "?"
     thought: str | None = None  # what the model's thought steps read (model.thought)
+    # The config keys this method's training reads besides the task, the backbone and its
+    # own `stages` entry (a section name stands for all its keys). A finished run is reused
+    # only if these match (see `system15.rungs`).
+    settings: tuple[str, ...] = ()
 
     def eval_K(self, config) -> int | None:
         """K for generation: None = token mode (CoT)."""
@@ -123,7 +127,7 @@ def teacher_force(model, cache, positions, ids, visible, keep_layers=False):
     return bb.forward_full(bb.embed(ids), pos, visible, cache, keep_layers)
 
 
-def objective_for(method: str, config) -> Objective:
+def objective_class(method: str) -> type[Objective]:
     from .baselines import Coconut, Pause
     from .sft import CoTSFT, NoCoTSFT
     from .stage1 import LatentDistillation
@@ -133,4 +137,8 @@ def objective_for(method: str, config) -> Objective:
              "latent": LatentDistillation, "system15": ShortcutDistillation}
     if method not in table:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(table)}")
-    return table[method](config)
+    return table[method]
+
+
+def objective_for(method: str, config) -> Objective:
+    return objective_class(method)(config)

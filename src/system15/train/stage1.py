@@ -33,6 +33,8 @@ from .objective import (Objective, example_nll, prompt_prefix, sequence_forward,
 class LatentDistillation(Objective):
     name = "latent"
     thought = "latent"
+    settings = ("latent.K", "latent.alpha", "latent.align", "latent.probe", "latent.probe_results",
+                "latent.warm_start", "latent.projection_hidden")
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align

@@ -27,6 +27,7 @@ SOFT = Route(mode="soft")
 class ShortcutDistillation(Objective):
     name = "system15"
     thought = "latent"
+    settings = ("latent.K", "shortcut")
 
     def __init__(self, config):
         self.K = config.latent.K

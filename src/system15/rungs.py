@@ -1,0 +1,111 @@
+"""Run folders of the ladder: which rung starts from which, what each one's training
+depends on, and a refusal to reuse a finished (or resumable) run trained on something else.
+
+A rung's training depends on
+- the task and the backbone (every key but `task.n_test`, which only the test set reads);
+- its own `stages.<method>` entry;
+- the keys its objective lists in `Objective.settings` (pause reads `latent.pause_K`, ...);
+- the weights of the rung it starts from (`INIT_FROM`), recorded by their SHA-256.
+
+`run.json` records the whole config, so the first three are read back from it. Without this
+check, a run folder left by an earlier config would be reused silently, and the results
+table would mix runs trained on different settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import MANIFEST
+from .config import RunConfig, TrainConfig
+from .train import objective_class
+
+INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
+
+WEIGHTS = "model.safetensors"
+
+
+class StaleRunError(RuntimeError):
+    """A run folder holds a run trained with other settings than the ones asked for."""
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _over_defaults(defaults: dict, recorded: dict) -> dict:
+    """A recorded config on top of today's defaults: a key added since the run was recorded
+    takes its default, which is what the code did before the key existed."""
+    out = dict(defaults)
+    for k, v in recorded.items():
+        out[k] = _over_defaults(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
+
+
+def _lookup(config: dict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def rung_settings(method: str, config: dict, train: dict) -> dict:
+    """Every setting the training of `method` depends on, as {dotted key: value}.
+    config: a RunConfig as a dict; train: its TrainConfig for `method` as a dict."""
+    keys = ("task", "backbone", *objective_class(method).settings)
+    out = {}
+    for key in keys:
+        out.update(_flatten(_lookup(config, key), key))
+    out.pop("task.n_test", None)
+    out.update(_flatten(train, f"stages.{method}"))
+    return out
+
+
+def weights_digest(model_dir: str | Path) -> str | None:
+    """The SHA-256 of a saved model's weights, from its checkpoint manifest."""
+    manifest = Path(model_dir) / MANIFEST
+    if not manifest.exists():
+        return None
+    return json.loads(manifest.read_text()).get(WEIGHTS, {}).get("sha256")
+
+
+def provenance(method: str, runs_dir: Path) -> dict:
+    """What run.json records about where a new run starts: the parent rung and its weights."""
+    parent = INIT_FROM[method]
+    if parent is None:
+        return {"init_from": None}
+    return {"init_from": {"run": parent, "weights_sha256": weights_digest(runs_dir / parent / "best")}}
+
+
+def check_reusable(run_dir: Path, method: str, config: dict, train: dict, runs_dir: Path) -> None:
+    """Raise StaleRunError, naming every differing key, if the run recorded in
+    `run_dir/run.json` was trained on other settings, or from other parent weights, than
+    a run started now would be. Runs recorded before parents were fingerprinted skip the
+    parent check."""
+    record_path = run_dir / "run.json"
+    try:
+        record = json.loads(record_path.read_text())
+        recorded = rung_settings(method, _over_defaults(RunConfig().to_dict(), record["config"]),
+                                 _over_defaults(vars(TrainConfig()), record["train"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StaleRunError(f"{record_path}: cannot read the settings this run was trained with ({e!r}); "
+                            f"move or delete {run_dir} to retrain it") from None
+    wanted = rung_settings(method, config, train)
+    diffs = [f"{k}: trained with {recorded.get(k, '<unset>')!r}, asked for {wanted.get(k, '<unset>')!r}"
+             for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+    init = record.get("init_from")
+    if init:
+        now = weights_digest(runs_dir / init["run"] / "best")
+        if now != init.get("weights_sha256"):
+            diffs.append(f"started from {runs_dir / init['run'] / 'best'} with weights {str(init.get('weights_sha256'))[:12]}, "
+                         f"which now holds {str(now)[:12]} (the parent was retrained)")
+    if diffs:
+        raise StaleRunError(f"{run_dir} holds a {method} run trained on other settings than asked for:\n  "
+                            + "\n  ".join(diffs)
+                            + f"\nMove or delete {run_dir} to retrain it, or give the new settings their own run "
+                              "(an ablation variant, or another `name`).")
