@@ -1,7 +1,9 @@
 """Stage 1: the latent step feeds P(h_L) back, teacher and student share weights, alignment."""
 
+import pytest
 import torch
 
+from system15.config import ALIGN_RULES
 from system15.engine import generate
 from system15.layout import encode, pad, prompt
 from system15.train.objective import thought_forward
@@ -62,19 +64,33 @@ def test_teacher_and_student_share_parameters(examples):
     assert set(metrics) == {"teacher_nll", "student_nll", "align"}
 
 
-class _Step:
-    def __init__(self, hidden):
-        self.hidden = hidden
+@pytest.mark.parametrize("rule", ALIGN_RULES)
+def test_every_alignment_rule_sends_gradient_to_the_latent_steps(examples, rule):
+    """The alignment term alone (alpha 1 minus alpha 0) moves P, which only latent steps read."""
+    grads = []
+    for alpha in (0.0, 1.0):
+        model = tiny_model(examples)
+        obj = LatentDistillation(tiny_config(**{"latent.align": rule, "latent.alpha": alpha}))
+        obj.prepare(model)
+        loss, metrics = obj.loss(model, obj.collate(model, encoded(model, examples[:4])))
+        loss.backward()
+        grads.append(model.projection.net[0].weight.grad.clone())
+    assert metrics["align"] > 0
+    assert not torch.allclose(grads[0], grads[1])
 
 
 def test_alignment_is_zero_when_states_coincide():
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(3, 9, 16, generator=g)
     pos = torch.tensor([[2, 5], [3, -1], [4, 8]])
-    thoughts = [_Step(teacher[torch.arange(3), pos[:, k].clamp(min=0)].clone()) for k in range(2)]
+    thoughts = [teacher[torch.arange(3), pos[:, k].clamp(min=0)].clone() for k in range(2)]
     assert segment_alignment(teacher, thoughts, pos) == 0
-    thoughts[0].hidden[0] += 1.0
-    assert segment_alignment(teacher, thoughts, pos) > 0
+    thoughts[1][1] += 5.0  # row 1 has no second segment: not aligned
+    assert segment_alignment(teacher, thoughts, pos) == 0
+    thoughts[0][0] += 1.0
+    assert segment_alignment(teacher, thoughts, pos) == pytest.approx(1.0 / 5)  # 16 of 5 x 16 entries off by 1
+    assert segment_alignment(3 * teacher, [3 * t for t in thoughts], pos, normalise=True) == \
+        pytest.approx(segment_alignment(teacher, thoughts, pos, normalise=True))
     layers = [torch.randn(3, 9, 16, generator=g) for _ in range(3)]
     before = torch.tensor([4, 6, 7])
     assert codi_alignment(layers, layers, before, before) == 0

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 METHODS = ("cot", "nocot", "pause", "coconut", "latent", "system15")
+ALIGN_RULES = ("segment", "codi", "segment_layers")  # method.md's two, then a lever of ours
 
 
 class ConfigError(ValueError):
@@ -98,11 +99,11 @@ class BackboneConfig:
 class LatentConfig:
     K: int = _f(2, "latent steps between <bot> and <eot> (the paper's lambda_step)")
     alpha: float = _f(1.0, "stage 1: weight of the alignment loss")
-    align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std")
+    align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std | segment_layers: the segment rule at every layer, normalised as codi")
     probe: float = _f(0.0, "stage 1: weight of the auxiliary loss that makes latent step k decode its segment's results (0 = off)")
     probe_results: str = _f("all", "stage 1 probe targets after latent step k: all (every result of its segment, teacher-forced in order) | last (only the segment's last result, the one the next step builds on)")
     warm_start: float = _f(0.0, "stage 1: fraction of training in which latent steps replace the CoT segments one at a time (0 = off)")
-    compare_align: bool = _f(False, "stage 1: also train with the other alignment rule and keep the better on validation")
+    compare_align: bool = _f(False, "stage 1: also train with method.md's other rule (segment, codi) and keep the better on validation")
     projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
     pause_K: int = _f(2, "pause-token baseline: number of pause embeddings")
     coconut_c: int = _f(1, "Coconut: latent thoughts per replaced reasoning step")
@@ -114,7 +115,7 @@ class LatentConfig:
         _check(self.probe >= 0, "latent.probe", "must be >= 0")
         _in_unit(self.warm_start, "latent.warm_start")
         _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0 (0 = model width)")
-        _check(self.align in ("segment", "codi"), "latent.align", f"unknown rule {self.align!r}")
+        _check(self.align in ALIGN_RULES, "latent.align", f"unknown rule {self.align!r}; choose from {ALIGN_RULES}")
         _check(self.probe_results in ("all", "last"), "latent.probe_results", f"must be all or last, got {self.probe_results!r}")
         _check(self.pause_K >= 0 and self.coconut_c >= 1 and self.coconut_stages >= 1, "latent", "pause_K >= 0, coconut_c >= 1, coconut_stages >= 1")
 

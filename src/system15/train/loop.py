@@ -234,7 +234,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         step += 1
         state["step"] = step
         state["seconds"] = time.perf_counter() - began
-        log({"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], **metrics})
+        log({"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "grad_norm": norm, **metrics})
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.3f}")
         out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes

@@ -7,7 +7,8 @@ Teacher and student are one model (shared weights, initialised from CoT-SFT):
 align, rule "segment" (default): MSE between latent step k's last-layer state and the
 teacher's last-layer state (stop-gradient) at the last token of the CoT segment that step k
 covers. Rule "codi": every layer, at the position just before the answer, each layer's
-difference divided by the teacher's standard deviation at that layer.
+difference divided by the teacher's standard deviation at that layer. Rule
+"segment_layers" (a lever of ours): the segment rule at every layer, normalised as CODI's.
 
 Optional (latent.probe > 0), one of the levers the plain rule needed at small scale: after
 latent step k, a short teacher-forced branch must decode `#### <results of segment k>`, so
@@ -99,13 +100,18 @@ class LatentDistillation(Objective):
     def loss(self, model, batch):
         codi = self.rule == "codi"
         teacher_cache = KVCache.empty(model.num_layers)
-        t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=codi, cache=teacher_cache)
+        t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=self.rule != "segment",
+                                                    cache=teacher_cache)
         start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
         student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start)
         if codi:
             align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"])
+        elif self.rule == "segment_layers":
+            align = torch.stack([segment_alignment(t_layer, [res.layers[layer] for res in student.thoughts],
+                                                   batch["segment_pos"], normalise=True)
+                                 for layer, t_layer in enumerate(t_states)]).mean()
         else:
-            align = segment_alignment(t_final, student.thoughts, batch["segment_pos"])
+            align = segment_alignment(t_final, [res.hidden for res in student.thoughts], batch["segment_pos"])
         loss = t_nll + student.nll + self.alpha * align
         metrics = {"teacher_nll": t_nll.item(), "student_nll": student.nll.item(), "align": align.item()}
         if self.probe:
@@ -152,20 +158,20 @@ def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", 
     return scores
 
 
-def segment_alignment(teacher_final: torch.Tensor, thoughts, segment_pos: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over (example, step) pairs whose segment is not empty."""
-    if not thoughts:
-        return teacher_final.new_zeros(())
-    rows = torch.arange(teacher_final.shape[0], device=teacher_final.device)
-    total, count = teacher_final.new_zeros(()), 0
-    for k, res in enumerate(thoughts):
-        valid = segment_pos[:, k] >= 0
-        if not bool(valid.any()):
-            continue
-        target = teacher_final[rows[valid], segment_pos[valid, k]].detach()
-        total = total + (res.hidden[valid] - target).pow(2).mean(-1).sum()
-        count += int(valid.sum())
-    return total / max(count, 1)
+def segment_alignment(teacher: torch.Tensor, thoughts: list[torch.Tensor], segment_pos: torch.Tensor,
+                      normalise: bool = False) -> torch.Tensor:
+    """Mean squared error between latent step k's state (thoughts[k], [B, d]) and the teacher's
+    state ([B, T, d], one layer) at the end of segment k, over the (example, step) pairs whose
+    segment is not empty; `normalise` divides by the std of those teacher states (CODI's)."""
+    rows = torch.arange(teacher.shape[0], device=teacher.device)
+    pairs = [(state[segment_pos[:, k] >= 0], teacher[rows, segment_pos[:, k]][segment_pos[:, k] >= 0].detach())
+             for k, state in enumerate(thoughts)]
+    student = torch.cat([s for s, _ in pairs]) if pairs else teacher.new_zeros(0, teacher.shape[-1])
+    target = torch.cat([t for _, t in pairs]) if pairs else student
+    if not len(target):
+        return teacher.new_zeros(())
+    scale = target.std().clamp(min=1e-6) if normalise else 1.0
+    return ((student - target) / scale).pow(2).mean()
 
 
 def codi_alignment(teacher_states, student_states, teacher_pos, student_pos) -> torch.Tensor:
