@@ -280,10 +280,11 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` on top of `base`, section by section (nested dicts merge; anything else replaces)."""
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
@@ -300,7 +301,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"{path}: expected a mapping of settings at the top, got {type(data).__name__}")
     if overrides:
         where = f"{where} + overrides" if recipe is not None else "overrides"
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     try:
         return _build(RunConfig, data, "config")
     except ConfigError as e:

@@ -27,6 +27,7 @@ from .shortcuts import Shortcuts
 from .tokenizer import CharTokenizer, Tokenizer, gpt2_bpe_tokenizer, load_tokenizer
 
 THOUGHTS = (None, "latent", "hidden", "pause")
+WEIGHTS_FILE = "model.safetensors"  # in a saved model's folder
 
 
 class LatentProjection(nn.Module):
@@ -110,7 +111,7 @@ class ReasoningModel(nn.Module):
         """Write the model folder (callers make it atomic, see checkpoint.py)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(d / "model.safetensors"))
+        save_model(self, str(d / WEIGHTS_FILE))
         self.backbone.lm.config.to_json_file(str(d / "backbone_config.json"))
         self.config.save(d / "config.json")
         meta = {"method": self.method, "thought": self.thought, "shortcuts": self.shortcuts is not None, "family": self.backbone.family}
@@ -204,7 +205,7 @@ def load_reasoning_model(directory: str | os.PathLike, config: RunConfig | None 
     from .config import load_config
 
     d = Path(directory)
-    missing = [n for n in ("model.safetensors", "model.json", "backbone_config.json", "config.json") if not (d / n).exists()]
+    missing = [n for n in (WEIGHTS_FILE, "model.json", "backbone_config.json", "config.json") if not (d / n).exists()]
     if missing:
         raise FileNotFoundError(f"{d}: not a system15 model folder (missing {', '.join(missing)})")
     if (d / "manifest.json").exists():
@@ -219,9 +220,9 @@ def load_reasoning_model(directory: str | os.PathLike, config: RunConfig | None 
     if meta["shortcuts"]:
         model.add_shortcuts()
     try:
-        load_model(model, str(d / "model.safetensors"))
+        load_model(model, str(d / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises several kinds on truncation/corruption
-        raise ValueError(f"{d / 'model.safetensors'}: cannot load weights ({e})") from e
+        raise ValueError(f"{d / WEIGHTS_FILE}: cannot load weights ({e})") from e
     if config is not None:
         model.adopt(config)
     model.eval()

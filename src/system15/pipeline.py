@@ -63,9 +63,10 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
     the same parent weights (`rungs.check_reusable`); otherwise StaleRunError says why."""
     run_dir = runs_dir / (run_name or method)
     objective = objective_for(method, config)
-    if is_done(run_dir) or latest_good(run_dir) is not None:
+    done = is_done(run_dir)
+    if done or latest_good(run_dir) is not None:
         check_reusable(run_dir, method, config.to_dict(), vars(config.stage(method)), runs_dir)
-    if not is_done(run_dir):
+    if not done:
         parent = INIT_FROM[method]
         if parent is None:
             texts = [e.question + " " + e.cot + " #### " + e.answer for e in splits["train"]]

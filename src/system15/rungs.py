@@ -18,13 +18,11 @@ import json
 from pathlib import Path
 
 from .checkpoint import MANIFEST
-from .config import RunConfig, TrainConfig
+from .config import RunConfig, TrainConfig, merge
+from .model import WEIGHTS_FILE
 from .train import objective_class
 
 INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
-
-WEIGHTS = "model.safetensors"
-
 
 class StaleRunError(RuntimeError):
     """A run folder holds a run trained with other settings than the ones asked for."""
@@ -37,15 +35,6 @@ def _flatten(value, prefix: str) -> dict:
             out.update(_flatten(v, f"{prefix}.{k}"))
         return out
     return {prefix: value}
-
-
-def _over_defaults(defaults: dict, recorded: dict) -> dict:
-    """A recorded config on top of today's defaults: a key added since the run was recorded
-    takes its default, which is what the code did before the key existed."""
-    out = dict(defaults)
-    for k, v in recorded.items():
-        out[k] = _over_defaults(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
-    return out
 
 
 def _lookup(config: dict, key: str):
@@ -71,7 +60,7 @@ def weights_digest(model_dir: str | Path) -> str | None:
     manifest = Path(model_dir) / MANIFEST
     if not manifest.exists():
         return None
-    return json.loads(manifest.read_text()).get(WEIGHTS, {}).get("sha256")
+    return json.loads(manifest.read_text()).get(WEIGHTS_FILE, {}).get("sha256")
 
 
 def provenance(method: str, runs_dir: Path) -> dict:
@@ -90,8 +79,10 @@ def check_reusable(run_dir: Path, method: str, config: dict, train: dict, runs_d
     record_path = run_dir / "run.json"
     try:
         record = json.loads(record_path.read_text())
-        recorded = rung_settings(method, _over_defaults(RunConfig().to_dict(), record["config"]),
-                                 _over_defaults(vars(TrainConfig()), record["train"]))
+        # on top of today's defaults: a key added since the run was recorded takes its
+        # default, which is what the code did before the key existed
+        recorded = rung_settings(method, merge(RunConfig().to_dict(), record["config"]),
+                                 merge(vars(TrainConfig()), record["train"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StaleRunError(f"{record_path}: cannot read the settings this run was trained with ({e!r}); "
                             f"move or delete {run_dir} to retrain it") from None

@@ -158,20 +158,24 @@ def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", 
     return scores
 
 
+def _mse(student: torch.Tensor, target: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """Mean squared error against a stop-gradient target; `normalise` divides the difference
+    by the target's std first (CODI's normalisation)."""
+    target = target.detach()
+    scale = target.std().clamp(min=1e-6) if normalise else 1.0
+    return ((student - target) / scale).pow(2).mean()
+
+
 def segment_alignment(teacher: torch.Tensor, thoughts: list[torch.Tensor], segment_pos: torch.Tensor,
                       normalise: bool = False) -> torch.Tensor:
     """Mean squared error between latent step k's state (thoughts[k], [B, d]) and the teacher's
     state ([B, T, d], one layer) at the end of segment k, over the (example, step) pairs whose
     segment is not empty; `normalise` divides by the std of those teacher states (CODI's)."""
-    rows = torch.arange(teacher.shape[0], device=teacher.device)
-    pairs = [(state[segment_pos[:, k] >= 0], teacher[rows, segment_pos[:, k]][segment_pos[:, k] >= 0].detach())
-             for k, state in enumerate(thoughts)]
-    student = torch.cat([s for s, _ in pairs]) if pairs else teacher.new_zeros(0, teacher.shape[-1])
-    target = torch.cat([t for _, t in pairs]) if pairs else student
-    if not len(target):
+    rows, cols = (segment_pos[:, : len(thoughts)] >= 0).nonzero(as_tuple=True)
+    if not len(rows):
         return teacher.new_zeros(())
-    scale = target.std().clamp(min=1e-6) if normalise else 1.0
-    return ((student - target) / scale).pow(2).mean()
+    student = torch.stack(thoughts, 1)[rows, cols]
+    return _mse(student, teacher[rows, segment_pos[rows, cols]], normalise)
 
 
 def codi_alignment(teacher_states, student_states, teacher_pos, student_pos) -> torch.Tensor:
@@ -179,7 +183,5 @@ def codi_alignment(teacher_states, student_states, teacher_pos, student_pos) -> 
     rows = torch.arange(teacher_pos.shape[0], device=teacher_pos.device)
     losses = []
     for t_layer, s_layer in zip(teacher_states, student_states):
-        target = t_layer[rows, teacher_pos].detach()
-        diff = (s_layer[rows, student_pos] - target) / target.std().clamp(min=1e-6)
-        losses.append(diff.pow(2).mean())
+        losses.append(_mse(s_layer[rows, student_pos], t_layer[rows, teacher_pos], normalise=True))
     return torch.stack(losses).mean()
