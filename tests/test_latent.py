@@ -180,6 +180,20 @@ def test_probe_readout_scores_the_first_result_of_each_segment(examples):
     assert probe_readout(model, enc, K=2, which="last") == [1.0, 1.0]
 
 
+def test_probe_readout_stops_at_eos_as_decoding_does(examples):
+    """A branch that writes the right result and then <eos> is right, whatever follows."""
+    model = tiny_model(examples)
+    tok, enc = model.tokenizer, encoded(model, examples[:3])
+
+    def says_then_stops(number):
+        ids = tok.encode(f"#### {number}") + [tok.eos_id]
+        return (ids + tok.encode("7") * 6)[:6]
+
+    model.backbone.head = scripted_head(model, [says_then_stops(e.results[0]) + says_then_stops(e.results[2])
+                                                for e in enc])
+    assert probe_readout(model, enc, K=2, which="last") == [1.0, 1.0]
+
+
 def test_the_student_starting_from_the_teachers_prompt_pass_is_exact(examples, family):
     """Stage 1's student reuses the teacher's pass over the prompt instead of its own prefill:
     the same student loss, thought states and gradients as with a separate prefill."""

@@ -134,10 +134,10 @@ def probe_nll(model, forks, probes) -> torch.Tensor:
 @torch.no_grad()
 def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", max_tokens: int = 6) -> list[float]:
     """How far the latent chain gets: after each latent step k, branch the cache, feed `<eot>`
-    and decode greedily; the share of examples whose first number after `####` is the result
-    the probe was trained to write first: the first result of the segment step k covers
-    (latent.probe_results "all"), or its last ("last"). Steps covering no CoT step are scored
-    over the examples that have one."""
+    and decode greedily up to `<eos>`, as decoding does; the share of examples whose first
+    number after `####` is the result the probe was trained to write first: the first result
+    of the segment step k covers (latent.probe_results "all"), or its last ("last"). Steps
+    covering no CoT step are scored over the examples that have one."""
     tok = model.tokenizer
     ids, visible = pad([prompt(tok, e) for e in examples], tok.pad_id, left=True)
     _, _, _, forks = thoughts_after_prompt(model, prefill(model, ids, visible), K)
@@ -150,12 +150,17 @@ def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", 
             final, _ = teacher_force(model, cache, positions, nxt, torch.ones_like(nxt, dtype=torch.bool))
             nxt, positions = model.backbone.head(final[:, -1]).argmax(-1, keepdim=True), positions + 1
             out.append(nxt)
-        texts = [tok.decode(row) for row in torch.cat(out, 1).tolist()]
+        texts = [tok.decode(_until_eos(row, tok.eos_id)) for row in torch.cat(out, 1).tolist()]
         hits = [re.match(r"####\s*(-?\d+)", t.strip()) for t in texts]
         wanted = [segment_results(e, K)[k][pick] for e in examples]
         judged = [(h is not None and h.group(1) == w[0]) for h, w in zip(hits, wanted) if w]
         scores.append(sum(judged) / max(len(judged), 1))
     return scores
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """What decoding would have written: the ids before the first <eos> (decoding stops there)."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def _mse(student: torch.Tensor, target: torch.Tensor, normalise: bool) -> torch.Tensor:
