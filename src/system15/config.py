@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 METHODS = ("cot", "nocot", "pause", "coconut", "latent", "system15")
-ALIGN_RULES = ("segment", "codi", "segment_layers")  # method.md's two, then a lever of ours
+METHOD_ALIGN_RULES = ("segment", "codi")  # method.md's two stage-1 alignment rules
+ALIGN_RULES = (*METHOD_ALIGN_RULES, "segment_layers")  # and a lever of ours
 
 
 class ConfigError(ValueError):
@@ -103,7 +104,7 @@ class LatentConfig:
     probe: float = _f(0.0, "stage 1: weight of the auxiliary loss that makes latent step k decode its segment's results (0 = off)")
     probe_results: str = _f("all", "stage 1 probe targets after latent step k: all (every result of its segment, teacher-forced in order) | last (only the segment's last result, the one the next step builds on)")
     warm_start: float = _f(0.0, "stage 1: fraction of training in which latent steps replace the CoT segments one at a time (0 = off)")
-    compare_align: bool = _f(False, "stage 1: also train with method.md's other rule (segment, codi) and keep the better on validation")
+    compare_align: bool = _f(False, "stage 1: also train with method.md's rules (segment, codi) besides latent.align; keep the best on validation")
     projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
     pause_K: int = _f(2, "pause-token baseline: number of pause embeddings")
     coconut_c: int = _f(1, "Coconut: latent thoughts per replaced reasoning step")

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_good
-from .config import METHODS, Ablation, RunConfig, load_config
+from .config import METHOD_ALIGN_RULES, METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
 from .engine import FULL, Route
@@ -90,9 +90,9 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
 
 
 def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict]:
-    """Stage 1 with the configured alignment rule, and (compare_align) the other one too;
-    the better on validation becomes runs/<name>/latent, both scores are recorded."""
-    rules = [config.latent.align] + ([r for r in ("segment", "codi") if r != config.latent.align]
+    """Stage 1 with the configured alignment rule, and (compare_align) method.md's rules too;
+    the best on validation becomes runs/<name>/latent, every score is recorded."""
+    rules = [config.latent.align] + ([r for r in METHOD_ALIGN_RULES if r != config.latent.align]
                                     if config.latent.compare_align else [])
     scores = {}
     for rule in rules:
