@@ -11,7 +11,8 @@ import torch
 from system15.checkpoint import write_atomic
 from system15.config import METHODS, load_ablation
 from system15.model import load_reasoning_model
-from system15.pipeline import load_splits, run_ablation, run_ladder, train_rung, train_stage1
+from system15 import pipeline
+from system15.pipeline import evaluate_rung, load_splits, run_ablation, run_ladder, train_rung, train_stage1
 from system15.rungs import StaleRunError, weights_digest
 
 from conftest import tiny_config
@@ -90,6 +91,26 @@ def test_a_finished_rung_is_loaded_not_retrained(ladder):
         model = train_rung(config, method, splits, runs)
         assert model.method == method and (model.shortcuts is not None) == (method == "system15")
     assert stamps == {m: (runs / m / "done.json").stat().st_mtime_ns for m in stamps}
+
+
+def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladder, monkeypatch):
+    """A ladder stopped during timing or the sweep resumes without decoding the test set again."""
+    root, config, summary = ladder
+    runs, test = root / "runs" / "tiny", load_splits(config)["test"]
+    decoded = []
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(k["K"]) or real(*a, **k))
+    by_method = {r["method"]: r for r in summary["rows"]}
+    for method in ("cot", "system15"):
+        model = train_rung(config, method, load_splits(config), runs)
+        recs = evaluate_rung(config, method, model, test, runs / method)
+        assert sum(r.correct for r in recs) / len(recs) == by_method[method]["accuracy"]
+    assert decoded == []
+    model = train_rung(config, "system15", load_splits(config), runs)
+    other = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, lambda_depth=0.9))
+    evaluate_rung(other, "system15", model, test, runs / "system15")  # another threshold
+    evaluate_rung(config, "system15", model, test[:5], runs / "system15")  # another test set
+    assert len(decoded) == 2
 
 
 def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladder):

@@ -94,7 +94,8 @@ class ReasoningModel(nn.Module):
 
     def add_shortcuts(self) -> None:
         sc = self.config.shortcut
-        self.shortcuts = Shortcuts(self.num_layers, self.backbone.hidden_size, sc.adapter_dim, sc.router_hidden)
+        device = next(self.parameters()).device  # beside the backbone they route around
+        self.shortcuts = Shortcuts(self.num_layers, self.backbone.hidden_size, sc.adapter_dim, sc.router_hidden).to(device)
 
     def thought_input(self, k: int, last_hidden: torch.Tensor) -> torch.Tensor:
         """The input vector of thought step k (0-based), given the previous position's h_L."""

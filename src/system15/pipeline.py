@@ -12,6 +12,7 @@ checkpoint). Timing of all methods happens in the same run, batch size by batch 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -25,12 +26,12 @@ from .config import METHOD_ALIGN_RULES, METHODS, Ablation, RunConfig, load_confi
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
 from .engine import FULL, Route
-from .evaluate import accuracy, evaluate, latency_breakdown, measure_latencies, records_as_dicts, summarize
+from .evaluate import Record, accuracy, evaluate, latency_breakdown, measure_latencies, records_as_dicts, summarize
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
-from .rungs import INIT_FROM, check_reusable, provenance, weights_digest
-from .runtime import accelerator_for, autocast, device_for
+from .rungs import INIT_FROM, TEST_RECORDS, check_reusable, provenance, weights_digest
+from .runtime import accelerator_for, autocast, device_for, precision_for
 from .train import objective_for
 from .train.loop import fit, is_done
 from .train.stage1 import probe_readout
@@ -121,21 +122,43 @@ def _training_record(run_dir: Path) -> dict:
             "train_seconds": done["seconds"]}
 
 
-def measure(config: RunConfig, models: dict[str, ReasoningModel], splits) -> tuple[list[dict], dict]:
-    """Accuracy on the test set, then latency of every method at every batch size."""
+def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: list[Example],
+                 run_dir: Path | None = None) -> list[Record]:
+    """A rung's records on the test set. With `run_dir` (the rung's folder) they are kept in
+    its test_records.json and reused while the same weights decode the same test set the same
+    way, so a ladder interrupted after this point does not decode the test set again."""
+    K, route = objective_for(method, config).eval_K(config), route_for(method, config)
+    cache = None if run_dir is None else run_dir / TEST_RECORDS
+    key = {"weights": weights_digest(run_dir / "best") if run_dir else None, "K": K, "route": dataclasses.asdict(route),
+           "max_new_tokens": config.task.max_new_tokens, "precision": precision_for(config),
+           "test": hashlib.sha256(json.dumps([[e.question, e.answer] for e in test]).encode()).hexdigest()}
+    if cache is not None and cache.exists() and key["weights"]:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return [Record(**r) for r in saved["records"]]
+    recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size,
+                    max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
+    if cache is not None and key["weights"]:
+        partial = cache.with_suffix(".partial")
+        partial.write_text(json.dumps({"key": key, "records": records_as_dicts(recs)}))
+        partial.replace(cache)
+    return recs
+
+
+def measure(config: RunConfig, models: dict[str, ReasoningModel], splits,
+            runs_dir: Path | None = None) -> tuple[list[dict], dict]:
+    """Accuracy on the test set (reused per rung, see `evaluate_rung`), then latency of every
+    method at every batch size; each batch size times at least one full batch."""
     test = splits["test"]
     rows, records = [], {}
     for method, model in models.items():
-        K = objective_for(method, config).eval_K(config)
-        recs = evaluate(model, test, K=K, route=route_for(method, config), batch_size=config.eval.batch_size,
-                        max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
+        recs = evaluate_rung(config, method, model, test, None if runs_dir is None else runs_dir / method)
         records[method] = records_as_dicts(recs)
         rows.append(_row(method, recs))
-    timing_set = test[: config.eval.timing_examples]
     runs = {method: (model, objective_for(method, config).eval_K(config), route_for(method, config))
             for method, model in models.items()}
-    latency = {bs: measure_latencies(runs, timing_set, batch_size=bs, max_new_tokens=config.task.max_new_tokens,
-                                     rounds=config.eval.timing_rounds)
+    latency = {bs: measure_latencies(runs, test[: max(config.eval.timing_examples, bs)], batch_size=bs,
+                                     max_new_tokens=config.task.max_new_tokens, rounds=config.eval.timing_rounds)
                for bs in tqdm(config.eval.timing_batch_sizes, desc="timing", leave=False)}
     by_method = {r["method"]: r for r in rows}
     for r in rows:
@@ -222,7 +245,7 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
             models[method] = train_rung(config, method, splits, runs_dir)
         seconds[method] = round(time.perf_counter() - began, 1)
     with autocast(config):
-        rows, records = measure(config, models, splits)
+        rows, records = measure(config, models, splits, runs_dir)
         for r in rows:
             r.update(_training_record(runs_dir / r["method"]))
         by_method, explained = {r["method"]: r for r in rows}, None

@@ -23,6 +23,7 @@ from .model import WEIGHTS_FILE
 from .train import objective_class
 
 INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
+TEST_RECORDS = "test_records.json"  # a finished rung's test-set records, kept by pipeline.evaluate_rung
 
 class StaleRunError(RuntimeError):
     """A run folder holds a run trained with other settings than the ones asked for."""

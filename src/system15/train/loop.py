@@ -71,6 +71,8 @@ def to_device(batch, device):
         return batch.to(device)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):  # e.g. stage 1's probes: one batch per latent step
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 

@@ -1,0 +1,48 @@
+"""Fit the GSM8K ladder into one GPU lease (30 device-minutes, of which ~19 for the ladder).
+
+Times steady training steps of the three objectives whose cost differs (CoT-SFT, stage-1
+latent, stage-2 System-1.5) on the real backbone, then prints the `stages.<m>.*` overrides
+that give each rung its share of the wall-clock budget (capped at MAX_EPOCHS passes over
+the training set). run.sh hands them to `system15 bench`; summary.json records them.
+
+    python results/gsm8k_smollm2/plan.py configs/gsm8k_smollm2.yaml
+"""
+
+import dataclasses
+import sys
+import tempfile
+
+from system15.config import load_config
+from system15.layout import encode
+from system15.model import build_model
+from system15.pipeline import load_splits
+from system15.runtime import accelerator_for, device_for
+from system15.train import objective_for
+from system15.train.loop import fit
+
+SECONDS = {"cot": 200, "nocot": 50, "pause": 50, "coconut": 100, "latent": 200, "system15": 100}  # ~12 of the ~19 minutes
+TIMED_AS = {"cot": "cot", "nocot": "cot", "pause": "cot", "coconut": "latent", "latent": "latent", "system15": "system15"}
+MAX_EPOCHS = 8
+
+config = load_config(sys.argv[1], [])
+splits = load_splits(config)
+model = build_model(config, []).to(device_for(config))
+encoded = [encode(model.tokenizer, e) for e in splits["train"][:1024]]
+step_seconds = {}
+for method in ("cot", "latent", "system15"):
+    objective = objective_for(method, config)
+    with tempfile.TemporaryDirectory() as run_dir:
+        seconds = [fit(model, objective, encoded, dataclasses.replace(config.stage(method), steps=steps, eval_every=10**6),
+                       run_dir, accelerator=accelerator_for(config), quiet=True)["seconds"] for steps in (2, 6)]
+    step_seconds[method] = (seconds[1] - seconds[0]) / 4
+    print(f"# {method}: {step_seconds[method]:.3f} s/step", file=sys.stderr)
+overrides = []
+for method, budget in SECONDS.items():
+    stage = config.stage(method)
+    epoch = len(splits["train"]) / stage.batch_size
+    steps = max(20, min(int(budget / step_seconds[TIMED_AS[method]]), int(MAX_EPOCHS * epoch)))
+    overrides += [f"stages.{method}.steps={steps}", f"stages.{method}.warmup={steps // 20}",
+                  f"stages.{method}.eval_every={max(1, steps // 2)}"]
+    if method != "coconut":  # a capped Coconut would stop before its curriculum ends
+        overrides.append(f"stages.{method}.max_minutes={1.4 * budget / 60:.2f}")
+print(" ".join(overrides))
