@@ -64,10 +64,13 @@ class LayerShortcut(nn.Module):
         router, depth = hidden[..., : self.router_hidden], hidden[..., self.router_hidden:]
         return torch.sigmoid(F.linear(router, self.score.weight, self.score.bias)), depth
 
+    def step(self, h_prev: torch.Tensor) -> torch.Tensor:
+        """g'_l's bottleneck activations for the previous step's state h_{l,t-1}."""
+        return _gelu_linear(self.read_prev, _norm(self.norm_prev, h_prev))
+
     def branch(self, h_in: torch.Tensor, depth: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
         """g_l(h_{l-1,t}) + g'_l(h_{l,t-1}), with g_l's bottleneck `depth` from `route`."""
-        step = _gelu_linear(self.read_prev, _norm(self.norm_prev, h_prev))
-        return h_in + F.linear(torch.cat([depth, step], -1), self.write.weight, self.write.bias)
+        return h_in + F.linear(torch.cat([depth, self.step(h_prev)], -1), self.write.weight, self.write.bias)
 
     def mix(self, w: torch.Tensor, short: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """The soft mix used in training; w = 0 gives exactly the full layer."""

@@ -2,7 +2,8 @@
 
 The backbone and P are frozen; only routers and adapters train. Every decoding step (the K
 latent steps, then the answer tokens by teacher forcing) runs twice from the same prefill:
-once on the frozen full path (the targets) and once with the soft mix. Loss:
+once on the frozen full path (the targets) and once with the soft mix. The latent steps go
+one at a time; the answer tokens go through each layer together (`tail_pass`). Loss:
 
     L2 = sum_{l,t} ||h^mix_{l,t} - sg(h^full_{l,t})||^2       (mean over width and batch)
          + beta * NLL(answer | mixed path)
@@ -15,6 +16,7 @@ non-critical steps, low and shrinking with depth for critical ones.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..engine import Route, decode_step, prefill
 from ..layout import answer_critical, thought_critical
@@ -73,24 +75,61 @@ class ShortcutDistillation(Objective):
 
 
 def run_steps(model, start, batch, K: int, route: Route | None):
-    """K latent steps then the teacher-forced tail, one decoding step at a time.
+    """K latent steps, one decoding step at a time, then the teacher-forced tail (`tail_pass`).
 
-    Returns per-step layer states as a list over layers of [B, T, d], tail logits
-    [B, T_tail, V], and router weights [B, T, L] (soft route only)."""
+    Returns per-step layer states as a list over layers of [B, K + T_tail, d], tail logits
+    [B, T_tail, V], and router weights [B, K + T_tail, L] (soft route only)."""
     cache, last, prev, positions = start
     cache = cache.fork()
     route = route or Route()
-    per_step, logits, weights = [], [], []
-    tail = batch["tail"]
-    for t in range(K + tail.shape[1]):
-        x = model.thought_input(t, last) if t < K else model.backbone.embed(tail[:, t - K])
-        res = decode_step(model, x, positions, cache, prev, route)
+    per_step, weights = [], []
+    for t in range(K):
+        res = decode_step(model, model.thought_input(t, last), positions, cache, prev, route)
         last, prev, positions = res.hidden, res.layers, positions + 1
         per_step.append(torch.stack(res.layers, 1))  # [B, L, d]
-        if res.weights is not None:
-            weights.append(res.weights)
-        if t >= K:
-            logits.append(model.backbone.head(res.hidden))
-    states = torch.stack(per_step, 1)  # [B, T, L, d]
-    layers = list(states.unbind(2))
-    return layers, torch.stack(logits, 1), (torch.stack(weights, 1) if weights else None)
+        weights.append(res.weights)
+    final, layers, tail_weights = tail_pass(model, batch["tail"], positions, cache, prev, route)
+    if K:
+        thoughts = torch.stack(per_step, 2)  # [B, L, K, d]
+        layers = [torch.cat([thoughts[:, layer], tail], 1) for layer, tail in enumerate(layers)]
+        if tail_weights is not None:
+            tail_weights = torch.cat([torch.stack(weights, 1), tail_weights], 1)
+    return layers, model.backbone.head(final), tail_weights
+
+
+def tail_pass(model, ids: torch.Tensor, positions: torch.Tensor, cache, prev: list[torch.Tensor], route: Route):
+    """The teacher-forced tail [B, T] after the latent steps: the same function as decoding
+    it one step at a time, in one pass per layer. f_l, R_l and g_l read h_{l-1,t} and see
+    every tail position at once; only g'_l, which reads the same layer's state one step back
+    (h_{l,t-1}), runs position by position, over a precomputed rest:
+
+        h_{l,t} = w_t * (h_{l-1,t} + W_g g_l + W_g' g'_l(h_{l,t-1}) + b) + (1 - w_t) * f_l
+                = rest_t + w_t * W_g' g'_l(h_{l,t-1})
+
+    Like a decoding step, every tail position is visible to attention (padding only ever
+    follows the answer). Returns the final normed states [B, T, d], each layer's states
+    [B, T, d] and, on the soft route, router weights [B, T, L]."""
+    bb = model.backbone
+    pos = positions[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    h = bb.layer_input(bb.embed(ids), pos)
+    ctx = bb.context(h, pos, cache)
+    soft = model.shortcuts is not None and route.mode == "soft"
+    states, weights = [], []
+    for layer in range(bb.num_layers):
+        full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bb.layer_bias(ctx, cache, layer))
+        cache.append_kv(layer, k, v)
+        if soft:
+            sc = model.shortcuts.layers[layer]
+            w, depth = sc.route(h)
+            w_depth, w_step = sc.write.weight.split(depth.shape[-1], dim=1)
+            rest = sc.mix(w, h + F.linear(depth, w_depth, sc.write.bias), full)
+            out, last = [], prev[layer]
+            for t in range(ids.shape[1]):
+                last = rest[:, t] + w[:, t] * F.linear(sc.step(last), w_step)
+                out.append(last)
+            full = torch.stack(out, 1)
+            weights.append(w[..., 0])
+        states.append(full)
+        h = full
+    cache.append_positions(torch.ones_like(pos, dtype=torch.bool))
+    return bb.final_norm(h), states, torch.stack(weights, -1) if soft else None
