@@ -1,9 +1,11 @@
 """Baselines: pause tokens read no feedback; Coconut's curriculum and its model selection."""
 
+import pytest
 import torch
 
 from system15.layout import encode
 from system15.train.baselines import Coconut, Pause
+from system15.train.objective import thought_forward
 
 from conftest import tiny_config, tiny_model
 
@@ -29,3 +31,16 @@ def test_pause_thoughts_ignore_the_hidden_state(examples):
     a = model.thought_input(0, h)
     b = model.thought_input(0, h + 1.0)
     assert torch.equal(a, b) and Pause(tiny_config()).eval_K(None) == 2
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_pause_loss_in_one_pass_equals_prefill_steps_and_teacher_forcing(examples, family, K):
+    model = tiny_model(examples, family=family, thought="pause")
+    for p in model.parameters():  # weights large enough that every input position shows in the loss
+        torch.nn.init.normal_(p, 0, 0.3)
+    objective = Pause(tiny_config(family, **{"latent.pause_K": K}))
+    batch = objective.collate(model, [encode(model.tokenizer, e) for e in examples[:5]])
+    assert not batch["visible"].all() and not batch["tail_visible"].all()  # padded on both sides
+    one_pass, _ = objective.loss(model, batch)
+    stepped = thought_forward(model, batch, K).nll
+    torch.testing.assert_close(one_pass, stepped, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .objective import Objective, thought_batch, thought_forward
+import torch
+
+from ..backbone import positions_from_mask
+from .objective import Objective, example_nll, thought_batch, thought_forward
 
 
 class Pause(Objective):
@@ -22,7 +25,17 @@ class Pause(Objective):
         return thought_batch(model, examples, [e.answer for e in examples])
 
     def loss(self, model, batch):
-        nll = thought_forward(model, batch, self.K).nll
+        """The pause inputs read no hidden state, so the prompt, the K pauses and the answer
+        go through the backbone in one pass: the same function as a prefill, K decoding steps
+        and teacher forcing (`thought_forward`), for one pass's cost instead of K + 2."""
+        bb, ids, tail = model.backbone, batch["ids"], batch["tail"]
+        prompt = bb.embed(ids)
+        pauses = [model.thought_input(k, prompt[:, -1])[:, None] for k in range(self.K)]  # they ignore the state given
+        embeds = torch.cat([prompt, *pauses, bb.embed(tail)], 1)
+        visible = torch.cat([batch["visible"], torch.ones_like(ids[:, : self.K], dtype=torch.bool),
+                             batch["tail_visible"]], 1)
+        final, _ = bb.forward_full(embeds, positions_from_mask(visible), visible)
+        nll = example_nll(bb.head(final[:, -tail.shape[1]:]), batch["labels"])
         return nll, {"nll": nll.item()}
 
 
