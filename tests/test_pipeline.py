@@ -13,7 +13,7 @@ from system15.config import METHODS, load_ablation
 from system15.model import load_reasoning_model
 from system15 import pipeline
 from system15.pipeline import evaluate_rung, load_splits, run_ablation, run_ladder, train_rung, train_stage1
-from system15.rungs import StaleRunError, weights_digest
+from system15.rungs import TEST_RECORDS, StaleRunError, weights_digest
 
 from conftest import tiny_config
 
@@ -110,7 +110,9 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     other = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, lambda_depth=0.9))
     evaluate_rung(other, "system15", model, test, runs / "system15")  # another threshold
     evaluate_rung(config, "system15", model, test[:5], runs / "system15")  # another test set
-    assert len(decoded) == 2
+    (runs / "system15" / TEST_RECORDS).write_text('{"key": ')  # torn: decoded again, not an error
+    evaluate_rung(config, "system15", model, test, runs / "system15")
+    assert len(decoded) == 3
 
 
 def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladder):

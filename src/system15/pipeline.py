@@ -130,12 +130,16 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
     K, route = objective_for(method, config).eval_K(config), route_for(method, config)
     cache = None if run_dir is None else run_dir / TEST_RECORDS
     key = {"weights": weights_digest(run_dir / "best") if run_dir else None, "K": K, "route": dataclasses.asdict(route),
-           "max_new_tokens": config.task.max_new_tokens, "precision": precision_for(config),
+           "max_new_tokens": config.task.max_new_tokens, "batch_size": config.eval.batch_size,
+           "device": device_for(config).type, "precision": precision_for(config),
            "test": hashlib.sha256(json.dumps([[e.question, e.answer] for e in test]).encode()).hexdigest()}
     if cache is not None and cache.exists() and key["weights"]:
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return [Record(**r) for r in saved["records"]]
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return [Record(**r) for r in saved["records"]]
+        except (ValueError, TypeError, AttributeError):  # unreadable, or written by another version: decode again
+            pass
     recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size,
                     max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
     if cache is not None and key["weights"]:
