@@ -34,7 +34,7 @@ def examples():
 def tiny_model(examples, family="gpt2", thought="latent", shortcuts=False, seed=0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
-    texts = [e.question + " " + e.cot + " #### " + e.answer for e in examples]
+    texts = [e.text for e in examples]
     model = build_model(config, texts, thought=thought)
     if shortcuts:
         model.add_shortcuts()

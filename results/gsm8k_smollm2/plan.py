@@ -26,7 +26,7 @@ MAX_EPOCHS = 8
 
 config = load_config(sys.argv[1], [])
 splits = load_splits(config)
-model = build_model(config, []).to(device_for(config))
+model = build_model(config, [e.text for e in splits["train"]]).to(device_for(config))
 encoded = [encode(model.tokenizer, e) for e in splits["train"][:1024]]
 step_seconds = {}
 for method in ("cot", "latent", "system15"):

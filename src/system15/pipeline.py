@@ -70,7 +70,7 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
     if not done:
         parent = INIT_FROM[method]
         if parent is None:
-            texts = [e.question + " " + e.cot + " #### " + e.answer for e in splits["train"]]
+            texts = [e.text for e in splits["train"]]
             model = build_model(config, texts)
         else:
             model = load_reasoning_model(runs_dir / parent / "best", config)

@@ -30,7 +30,7 @@ def tiny_config(steps: int = 40, batch: int = 8, eval_every: int = 10, seed: int
 def tiny_setup(config: RunConfig):
     """(model, CoT objective, encoded train set, splits): deterministic for a given config."""
     splits = load_splits(config)
-    texts = [e.question + " " + e.cot + " #### " + e.answer for e in splits["train"]]
+    texts = [e.text for e in splits["train"]]
     model = build_model(config, texts)
     return model, CoTSFT(config), [encode(model.tokenizer, e) for e in splits["train"]], splits
 

@@ -59,6 +59,12 @@ class Example:
         """The chain of thought as one string, steps separated by single spaces."""
         return " ".join(step.text for step in self.steps)
 
+    @property
+    def text(self) -> str:
+        """Question, chain of thought and answer as one line of text (a scratch model's
+        character tokenizer is built over these)."""
+        return f"{self.question} {self.cot} #### {self.answer}"
+
 
 def parse_number(text: str) -> Fraction | None:
     """The exact value of `text` as written in answers and notes, or None.
