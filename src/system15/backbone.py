@@ -230,19 +230,22 @@ class Backbone(nn.Module):
 
     # -- the plain loop -----------------------------------------------------------------
     def forward_full(self, embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
-                     cache: KVCache | None = None, keep_layers: bool = False):
+                     cache: KVCache | None = None, keep_layers: bool = False, after_layer=None):
         """Every layer on every position (prefill, teacher forcing, baselines).
 
         embeds: [B, q, d] token/latent inputs; positions: [B, q]; visible: [B, q] (False on
-        padding). Writes into `cache` when given. Returns (final normed states [B, q, d],
+        padding). Writes into `cache` when given. `after_layer(i, h_in, out)`, when given,
+        replaces each layer's output (stage 2 mixes in its shortcuts there); the cache keeps
+        the keys and values of the layer's own input. Returns (final normed states [B, q, d],
         per-layer outputs list or None)."""
         cache = cache if cache is not None else KVCache.empty(self.num_layers)
         h = self.layer_input(embeds, positions)
         ctx = self.context(h, positions, cache, new_visible=visible)
         states = [] if keep_layers else None
         for i in range(self.num_layers):
-            h, k, v = self.run_layer(i, h, ctx, cache, bias=self.layer_bias(ctx, cache, i))
+            out, k, v = self.run_layer(i, h, ctx, cache, bias=self.layer_bias(ctx, cache, i))
             cache.append_kv(i, k, v)
+            h = out if after_layer is None else after_layer(i, h, out)
             if keep_layers:
                 states.append(h)
         cache.append_positions(visible)

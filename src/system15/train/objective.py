@@ -119,12 +119,13 @@ def thought_forward(model, batch: dict, K: int, keep_layers: bool = False, start
     return ThoughtPass(example_nll(model.backbone.head(final), batch["labels"]), thoughts, final, states, forks)
 
 
-def teacher_force(model, cache, positions, ids, visible, keep_layers=False):
-    """Feed right-padded `ids` after what `cache` holds (positions continue per row)."""
+def teacher_force(model, cache, positions, ids, visible, keep_layers=False, after_layer=None):
+    """Feed right-padded `ids` after what `cache` holds (positions continue per row);
+    `after_layer` as in `Backbone.forward_full`."""
     bb = model.backbone
     width = ids.shape[1]
     pos = positions[:, None] + torch.arange(width, device=positions.device)[None]
-    return bb.forward_full(bb.embed(ids), pos, visible, cache, keep_layers)
+    return bb.forward_full(bb.embed(ids), pos, visible, cache, keep_layers, after_layer)
 
 
 def objective_class(method: str) -> type[Objective]:

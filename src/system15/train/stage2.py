@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..engine import Route, decode_step, prefill
 from ..layout import answer_critical, thought_critical
 from ..shortcuts import compute_cost_weights
-from .objective import Objective, example_nll, thought_batch
+from .objective import Objective, example_nll, teacher_force, thought_batch
 
 SOFT = Route(mode="soft")
 
@@ -109,27 +109,21 @@ def tail_pass(model, ids: torch.Tensor, positions: torch.Tensor, cache, prev: li
     Like a decoding step, every tail position is visible to attention (padding only ever
     follows the answer). Returns the final normed states [B, T, d], each layer's states
     [B, T, d] and, on the soft route, router weights [B, T, L]."""
-    bb = model.backbone
-    pos = positions[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    h = bb.layer_input(bb.embed(ids), pos)
-    ctx = bb.context(h, pos, cache)
     soft = model.shortcuts is not None and route.mode == "soft"
-    states, weights = [], []
-    for layer in range(bb.num_layers):
-        full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bb.layer_bias(ctx, cache, layer))
-        cache.append_kv(layer, k, v)
-        if soft:
-            sc = model.shortcuts.layers[layer]
-            w, depth = sc.route(h)
-            w_depth, w_step = sc.write.weight.split(depth.shape[-1], dim=1)
-            rest = sc.mix(w, h + F.linear(depth, w_depth, sc.write.bias), full)
-            out, last = [], prev[layer]
-            for t in range(ids.shape[1]):
-                last = rest[:, t] + w[:, t] * F.linear(sc.step(last), w_step)
-                out.append(last)
-            full = torch.stack(out, 1)
-            weights.append(w[..., 0])
-        states.append(full)
-        h = full
-    cache.append_positions(torch.ones_like(pos, dtype=torch.bool))
-    return bb.final_norm(h), states, torch.stack(weights, -1) if soft else None
+    weights = []
+
+    def mix(layer, h, full):
+        sc = model.shortcuts.layers[layer]
+        w, depth = sc.route(h)
+        w_depth, w_step = sc.write.weight.split(depth.shape[-1], dim=1)
+        rest = sc.mix(w, h + F.linear(depth, w_depth, sc.write.bias), full)
+        out, last = [], prev[layer]
+        for t in range(ids.shape[1]):
+            last = rest[:, t] + w[:, t] * F.linear(sc.step(last), w_step)
+            out.append(last)
+        weights.append(w[..., 0])
+        return torch.stack(out, 1)
+
+    final, states = teacher_force(model, cache, positions, ids, torch.ones_like(ids, dtype=torch.bool),
+                                  keep_layers=True, after_layer=mix if soft else None)
+    return final, states, torch.stack(weights, -1) if soft else None
