@@ -23,6 +23,7 @@ from system15.train.loop import fit
 SECONDS = {"cot": 200, "nocot": 50, "pause": 50, "coconut": 100, "latent": 200, "system15": 100}  # ~12 of the ~19 minutes
 TIMED_AS = {"cot": "cot", "nocot": "cot", "pause": "cot", "coconut": "latent", "latent": "latent", "system15": "system15"}
 MAX_EPOCHS = 8
+RESOLUTION = 0.1  # fit's summary rounds its seconds to this: tiny models' 4 steps can read 0
 
 config = load_config(sys.argv[1], [])
 splits = load_splits(config)
@@ -34,7 +35,7 @@ for method in ("cot", "latent", "system15"):
     with tempfile.TemporaryDirectory() as run_dir:
         seconds = [fit(model, objective, encoded, dataclasses.replace(config.stage(method), steps=steps, eval_every=10**6),
                        run_dir, accelerator=accelerator_for(config), quiet=True)["seconds"] for steps in (2, 6)]
-    step_seconds[method] = (seconds[1] - seconds[0]) / 4
+    step_seconds[method] = max(seconds[1] - seconds[0], RESOLUTION) / 4  # fit reports seconds to 0.1
     print(f"# {method}: {step_seconds[method]:.3f} s/step", file=sys.stderr)
 overrides = []
 for method, budget in SECONDS.items():
