@@ -40,6 +40,16 @@ def test_loop_equals_hf_forward(family):
     assert (bb.head(final) - ref)[visible].abs().max() <= 1e-4
 
 
+def test_gpt2_runs_the_fused_tanh_gelu_and_says_so():
+    """HF's reference logits above are taken before the swap, with gelu_new, so the loop tests
+    also check that the fused kernel computes the same function."""
+    bb = Backbone(hf_model("gpt2"))
+    assert bb.lm.config.activation_function == "gelu_pytorch_tanh"  # what a saved config records
+    x = torch.randn(4, 64)
+    for block in bb.layers:
+        torch.testing.assert_close(block.mlp.act(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0)
+
+
 @torch.no_grad()
 def test_loop_with_kv_cache_equals_hf_forward(family):
     bb, ids, visible, pos, ref = hf_reference(family)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from system15.checkpoint import (MANIFEST, CheckpointError, checkpoints, latest_good, load_training_state, prune,
-                                 recover, save_training_state, verify, write_atomic)
+                                 recover, save_training_state, verify, write_atomic, write_text_atomic)
 from system15.model import load_reasoning_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -89,6 +89,23 @@ def test_write_atomic_replaces_an_existing_target(tmp_path):
     write_atomic(tmp_path / "out", lambda d: (d / "v").write_text("2"))
     assert (tmp_path / "out" / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["out"]
     verify(tmp_path / "out")
+
+
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "done.json"
+    write_text_atomic(target, "old")
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["done.json"]
+
+    import os
+
+    def disk_full(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the write dies after part of the text went out
+    with pytest.raises(OSError):
+        write_text_atomic(target, "newer")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["done.json"]
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"])

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 
 FAMILIES = ("gpt2", "llama")
+FUSED_GELU = "gelu_pytorch_tanh"
 
 
 def family_of(model: PreTrainedModel) -> str:
@@ -149,6 +151,13 @@ class Backbone(nn.Module):
         cfg = lm.config
         self.num_layers = cfg.num_hidden_layers if self.family == "llama" else cfg.n_layer
         self.hidden_size = cfg.hidden_size
+        if self.family == "gpt2" and cfg.activation_function == "gelu_new":
+            # GPT-2's tanh GELU, as HF writes it, is seven elementwise ops; torch's fused
+            # kernel computes the same function (within 3e-7 in fp32). A demo stage-1
+            # training step is a fifth faster with it, and decoding runs it at every layer.
+            cfg.activation_function = FUSED_GELU
+            for block in self.layers:
+                block.mlp.act = ACT2FN[FUSED_GELU]
 
     # -- pieces -------------------------------------------------------------------------
     @property

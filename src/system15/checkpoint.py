@@ -42,6 +42,23 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    """Replace one file's contents all at once: a reader (or a run killed mid-write) sees the
+    old file or the new one, never a torn one. The folder-level counterpart is write_atomic."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def write_atomic(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     """Let `fill(tmp_dir)` write the files, seal them with a manifest, then rename into place."""
     target = Path(target)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_good
+from .checkpoint import latest_good, write_text_atomic
 from .config import METHOD_ALIGN_RULES, METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
@@ -143,9 +143,7 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
     recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size,
                     max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
     if cache is not None and key["weights"]:
-        partial = cache.with_suffix(".partial")
-        partial.write_text(json.dumps({"key": key, "records": records_as_dicts(recs)}))
-        partial.replace(cache)
+        write_text_atomic(cache, json.dumps({"key": key, "records": records_as_dicts(recs)}))
     return recs
 
 
@@ -275,7 +273,7 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         summary["sweep"] = points
         refs = {r["method"]: r for r in rows if r["method"] in ("cot", "latent", "nocot")}
         summary["figures"] = [p.name for p in plot_sweep(out_dir, points, refs)]
-    (out_dir / "records.json").write_text(json.dumps(records))
+    write_text_atomic(out_dir / "records.json", json.dumps(records))
     write_summary(out_dir, summary)
     return summary
 

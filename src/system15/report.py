@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_text_atomic
+
 COLUMNS = [
     ("method", "method", "{}"),
     ("accuracy", "accuracy", "{:.1%}"),
@@ -64,7 +66,7 @@ def _cell(value, fmt: str) -> str:
 def write_summary(out_dir: str | Path, summary: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     md = [f"# {out.name}", "", f"task: `{summary['task']}` · backbone: `{summary['backbone']}` · device: {summary['device']}",
           "", markdown_table(summary["rows"]), "", f"Regenerate: `{summary['command']}`", ""]
     if summary.get("stage1_align"):
@@ -80,7 +82,7 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
                f"{parts['layers_run_per_example']:.1f} layers run over {parts['forwards_per_example']:.1f} steps per example. "
                f"If skipped layers and routers cost nothing, the speedup over CoT (rebuilt from the same parts: "
                f"{parts['cot_rebuilt_ms']:.1f} ms) would be at most {parts['speedup_vs_cot_if_skips_were_free']:.2f}x.", ""]
-    (out / "summary.md").write_text("\n".join(md))
+    write_text_atomic(out / "summary.md", "\n".join(md))
     return out / "summary.json"
 
 

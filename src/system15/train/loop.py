@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import latest_good, load_training_state, prune, recover, save_training_state, verify, write_atomic
+from ..checkpoint import (latest_good, load_training_state, prune, recover, save_training_state, verify, write_atomic,
+                          write_text_atomic)
 from ..config import TrainConfig
 from ..layout import Encoded
 from .objective import Objective
@@ -129,7 +130,7 @@ def truncate_log(path: Path, step: int) -> None:
     if path.exists():
         entries = [(line, _logged_step(line)) for line in path.read_text().splitlines()]
         kept = [line for line, at in entries if at is not None and at <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def global_mean(accelerator, loss: torch.Tensor, metrics: dict) -> tuple[float, dict]:
@@ -178,7 +179,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "log.jsonl").unlink(missing_ok=True)  # left by a run that died before its first checkpoint
         record = {**run_record(objective, model, cfg, accelerator), **(provenance or {})}
-        (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2, default=str))
 
     def log(entry: dict) -> None:
         if main:
@@ -250,6 +251,6 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     summary = {"method": objective.name, "steps": step, "seconds": round(state["seconds"], 1),
                "best_valid_accuracy": state["best"], "best_step": state["best_step"]}
     if main:
-        (run_dir / "done.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "done.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
