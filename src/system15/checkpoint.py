@@ -42,11 +42,17 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _aside(target: Path, kind: str) -> Path:
+    """A hidden sibling of `target` for a write in progress ("tmp") or a copy being replaced
+    ("old"); `recover` finds a checkpoint folder's leftovers by these names."""
+    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
     """Replace one file's contents all at once: a reader (or a run killed mid-write) sees the
     old file or the new one, never a torn one. The folder-level counterpart is write_atomic."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _aside(target, "tmp")
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -63,7 +69,7 @@ def write_atomic(target: str | os.PathLike, fill: Callable[[Path], None]) -> Pat
     """Let `fill(tmp_dir)` write the files, seal them with a manifest, then rename into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _aside(target, "tmp")
     tmp.mkdir()
     try:
         fill(tmp)
@@ -73,7 +79,7 @@ def write_atomic(target: str | os.PathLike, fill: Callable[[Path], None]) -> Pat
         _fsync_tree(tmp)
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            old = _aside(target, "old")
             target.rename(old)
         tmp.rename(target)
         if old is not None:
