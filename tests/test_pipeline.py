@@ -159,6 +159,28 @@ def test_a_run_trained_on_other_settings_is_refused_with_the_keys_named(ladder):
     assert (runs / "pause" / "done.json").stat().st_mtime_ns == stamp  # nothing was lost
 
 
+def test_a_cap_that_did_not_bind_is_no_difference(ladder, tmp_path):
+    root, config, _ = ladder
+    runs = tmp_path / "tiny"
+    shutil.copytree(root / "runs" / "tiny", runs)
+    splits = load_splits(config)
+    done = json.loads((runs / "cot" / "done.json").read_text())
+    assert done["steps"] == config.stage("cot").steps  # the tiny CoT rung ran its whole schedule
+
+    def capped(minutes):
+        stages = {**config.stages, "cot": dataclasses.replace(config.stage("cot"), max_minutes=minutes)}
+        return dataclasses.replace(config, stages=stages)
+
+    stamp = (runs / "cot" / "done.json").stat().st_mtime_ns
+    train_rung(capped(60.0), "cot", splits, runs)  # a cap it never reached: reused
+    assert (runs / "cot" / "done.json").stat().st_mtime_ns == stamp
+    with pytest.raises(StaleRunError, match=r"stages\.cot\.max_minutes: trained with None, asked for 1e-05"):
+        train_rung(capped(1e-5), "cot", splits, runs)  # a cap shorter than the run took
+    (runs / "cot" / "done.json").write_text(json.dumps({**done, "steps": done["steps"] - 1}))
+    with pytest.raises(StaleRunError, match=r"stages\.cot\.max_minutes"):
+        train_rung(capped(60.0), "cot", splits, runs)  # a run its cap stopped early
+
+
 def test_a_run_whose_parent_was_retrained_is_refused(ladder, tmp_path):
     root, config, _ = ladder
     runs = tmp_path / "tiny"

@@ -7,7 +7,9 @@ A rung's training depends on
 - the keys its objective lists in `Objective.settings` (pause reads `latent.pause_K`, ...);
 - the weights of the rung it starts from (`INIT_FROM`), recorded by their SHA-256.
 
-`run.json` records the whole config, so the first three are read back from it. Without this
+`run.json` records the whole config, so the first three are read back from it. One key
+is forgiven: a wall-clock cap (`max_minutes`) that did not bind. A finished run that made
+every step of its schedule inside the new cap is the run that cap would give. Without this
 check, a run folder left by an earlier config would be reused silently, and the results
 table would mix runs trained on different settings.
 """
@@ -56,6 +58,17 @@ def rung_settings(method: str, config: dict, train: dict) -> dict:
     return out
 
 
+def _cap_did_not_bind(run_dir: Path, steps: int, cap: float | None) -> bool:
+    """A finished run that made every step of its schedule in less time than `cap` minutes
+    is the run that cap would have given too: the wall-clock cap changed nothing."""
+    try:
+        done = json.loads((run_dir / "done.json").read_text())
+        finished, seconds = done["steps"] == steps, float(done["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return finished and (cap is None or seconds < 60 * cap)
+
+
 def weights_digest(model_dir: str | Path) -> str | None:
     """The SHA-256 of a saved model's weights, from its checkpoint manifest."""
     manifest = Path(model_dir) / MANIFEST
@@ -88,8 +101,12 @@ def check_reusable(run_dir: Path, method: str, config: dict, train: dict, runs_d
         raise StaleRunError(f"{record_path}: cannot read the settings this run was trained with ({e!r}); "
                             f"move or delete {run_dir} to retrain it") from None
     wanted = rung_settings(method, config, train)
+    differ = {k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k)}
+    cap = f"stages.{method}.max_minutes"
+    if cap in differ and _cap_did_not_bind(run_dir, recorded[f"stages.{method}.steps"], wanted[cap]):
+        differ.discard(cap)
     diffs = [f"{k}: trained with {recorded.get(k, '<unset>')!r}, asked for {wanted.get(k, '<unset>')!r}"
-             for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+             for k in sorted(differ)]
     init = record.get("init_from")
     if init:
         now = weights_digest(runs_dir / init["run"] / "best")
