@@ -89,12 +89,29 @@ def test_alignment_is_zero_when_states_coincide():
     assert segment_alignment(teacher, thoughts, pos) == 0
     thoughts[0][0] += 1.0
     assert segment_alignment(teacher, thoughts, pos) == pytest.approx(1.0 / 5)  # 16 of 5 x 16 entries off by 1
-    assert segment_alignment(3 * teacher, [3 * t for t in thoughts], pos, normalise=True) == \
-        pytest.approx(segment_alignment(teacher, thoughts, pos, normalise=True))
+    for scale in ("std", "dim"):
+        assert segment_alignment(3 * teacher, [3 * t for t in thoughts], pos, normalise=scale) == \
+            pytest.approx(segment_alignment(teacher, thoughts, pos, normalise=scale))
     layers = [torch.randn(3, 9, 16, generator=g) for _ in range(3)]
     before = torch.tensor([4, 6, 7])
-    assert codi_alignment(layers, layers, before, before) == 0
-    assert codi_alignment(layers, [l + 0.1 for l in layers], before, before) > 0
+    for scale in ("std", "dim"):
+        assert codi_alignment(layers, layers, before, before, scale=scale) == 0
+        assert codi_alignment(layers, [l + 0.1 for l in layers], before, before, scale=scale) > 0
+
+
+def test_per_dimension_scale_weighs_the_dimensions_that_tell_examples_apart():
+    """align_scale "dim": an error in a dimension that barely varies over the batch counts
+    more than the same error in one that varies a lot; "std" weighs them the same."""
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(8, 1, 4, generator=g) * torch.tensor([10.0, 1.0, 1.0, 1.0])
+    pos = torch.zeros(8, 1, dtype=torch.long)
+    off = {d: [teacher[:, 0] + torch.eye(4)[d]] for d in (0, 1)}  # off by 1 in dimension d
+    std = {d: segment_alignment(teacher, off[d], pos, normalise="std") for d in (0, 1)}
+    dim = {d: segment_alignment(teacher, off[d], pos, normalise="dim") for d in (0, 1)}
+    assert std[0] == pytest.approx(std[1])
+    assert dim[1] > 20 * dim[0]
+    sd = teacher[:, 0].std(0)
+    assert dim[0] == pytest.approx(1 / sd[0] ** 2 / 4) and dim[1] == pytest.approx(1 / sd[1] ** 2 / 4)
 
 
 def test_K_zero_is_answer_only_decoding(examples, family):

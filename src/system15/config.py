@@ -101,6 +101,7 @@ class LatentConfig:
     K: int = _f(2, "latent steps between <bot> and <eot> (the paper's lambda_step)")
     alpha: float = _f(1.0, "stage 1: weight of the alignment loss")
     align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std | segment_layers: the segment rule at every layer, normalised as codi")
+    align_scale: str = _f("std", "what the normalised rules (codi, segment_layers) divide a layer's differences by: std (one std of the teacher's states at that layer, CODI's) | dim (each hidden dimension's own std over the batch, floored at a tenth of the layer's)")
     probe: float = _f(0.0, "stage 1: weight of the auxiliary loss that makes latent step k decode its segment's results (0 = off)")
     probe_results: str = _f("all", "stage 1 probe targets after latent step k: all (every result of its segment, teacher-forced in order) | last (only the segment's last result, the one the next step builds on)")
     warm_start: float = _f(0.0, "stage 1: fraction of training in which latent steps replace the CoT segments one at a time (0 = off)")
@@ -117,6 +118,7 @@ class LatentConfig:
         _in_unit(self.warm_start, "latent.warm_start")
         _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0 (0 = model width)")
         _check(self.align in ALIGN_RULES, "latent.align", f"unknown rule {self.align!r}; choose from {ALIGN_RULES}")
+        _check(self.align_scale in ("std", "dim"), "latent.align_scale", f"must be std or dim, got {self.align_scale!r}")
         _check(self.probe_results in ("all", "last"), "latent.probe_results", f"must be all or last, got {self.probe_results!r}")
         _check(self.pause_K >= 0 and self.coconut_c >= 1 and self.coconut_stages >= 1, "latent", "pause_K >= 0, coconut_c >= 1, coconut_stages >= 1")
 

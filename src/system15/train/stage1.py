@@ -9,6 +9,9 @@ teacher's last-layer state (stop-gradient) at the last token of the CoT segment 
 covers. Rule "codi": every layer, at the position just before the answer, each layer's
 difference divided by the teacher's standard deviation at that layer. Rule
 "segment_layers" (a lever of ours): the segment rule at every layer, normalised as CODI's.
+With latent.align_scale = "dim" (another lever), the normalised rules divide each hidden
+dimension by its own std over the batch instead of one std for the whole layer, so the
+dimensions that tell examples apart weigh as much as those every example shares.
 
 Optional (latent.probe > 0), one of the levers the plain rule needed at small scale: after
 latent step k, a short teacher-forced branch must decode `#### <results of segment k>`, so
@@ -34,11 +37,12 @@ from .objective import (Objective, example_nll, prompt_prefix, sequence_forward,
 class LatentDistillation(Objective):
     name = "latent"
     thought = "latent"
-    settings = ("latent.K", "latent.alpha", "latent.align", "latent.probe", "latent.probe_results",
+    settings = ("latent.K", "latent.alpha", "latent.align", "latent.align_scale", "latent.probe", "latent.probe_results",
                 "latent.warm_start", "latent.projection_hidden")
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
+        self.scale = config.latent.align_scale
         self.probe, self.probe_last = config.latent.probe, config.latent.probe_results == "last"
         self.warm_start = config.latent.warm_start
         self.active = self.K  # latent steps in use; fewer during the warm start
@@ -105,10 +109,11 @@ class LatentDistillation(Objective):
         start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
         student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start)
         if codi:
-            align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"])
+            align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"],
+                                   scale=self.scale)
         elif self.rule == "segment_layers":
             align = torch.stack([segment_alignment(t_layer, [res.layers[layer] for res in student.thoughts],
-                                                   batch["segment_pos"], normalise=True)
+                                                   batch["segment_pos"], normalise=self.scale)
                                  for layer, t_layer in enumerate(t_states)]).mean()
         else:
             align = segment_alignment(t_final, [res.hidden for res in student.thoughts], batch["segment_pos"])
@@ -163,19 +168,24 @@ def _until_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
-def _mse(student: torch.Tensor, target: torch.Tensor, normalise: bool) -> torch.Tensor:
-    """Mean squared error against a stop-gradient target; `normalise` divides the difference
-    by the target's std first (CODI's normalisation)."""
+def _mse(student: torch.Tensor, target: torch.Tensor, normalise: str | None) -> torch.Tensor:
+    """Mean squared error against a stop-gradient target ([N, d] rows of states). `normalise`
+    divides the difference first: "std" by the target's std (CODI's), "dim" by each
+    dimension's std over the rows, floored at a tenth of the overall std."""
     target = target.detach()
-    scale = target.std().clamp(min=1e-6) if normalise else 1.0
+    scale = 1.0
+    if normalise is not None:
+        scale = target.std().clamp(min=1e-6)
+        if normalise == "dim":
+            scale = target.std(dim=0, keepdim=True).clamp(min=0.1 * scale) if len(target) > 1 else scale
     return ((student - target) / scale).pow(2).mean()
 
 
 def segment_alignment(teacher: torch.Tensor, thoughts: list[torch.Tensor], segment_pos: torch.Tensor,
-                      normalise: bool = False) -> torch.Tensor:
+                      normalise: str | None = None) -> torch.Tensor:
     """Mean squared error between latent step k's state (thoughts[k], [B, d]) and the teacher's
     state ([B, T, d], one layer) at the end of segment k, over the (example, step) pairs whose
-    segment is not empty; `normalise` divides by the std of those teacher states (CODI's)."""
+    segment is not empty; `normalise` ("std" or "dim") scales the differences as `_mse` says."""
     rows, cols = (segment_pos[:, : len(thoughts)] >= 0).nonzero(as_tuple=True)
     if not len(rows):
         return teacher.new_zeros(())
@@ -183,10 +193,11 @@ def segment_alignment(teacher: torch.Tensor, thoughts: list[torch.Tensor], segme
     return _mse(student, teacher[rows, segment_pos[rows, cols]], normalise)
 
 
-def codi_alignment(teacher_states, student_states, teacher_pos, student_pos) -> torch.Tensor:
-    """Every layer, the position before the answer, normalised by the teacher's std."""
+def codi_alignment(teacher_states, student_states, teacher_pos, student_pos, scale: str = "std") -> torch.Tensor:
+    """Every layer, the position before the answer, normalised by the teacher's std (`scale`
+    "dim": each dimension's own, as `_mse` says)."""
     rows = torch.arange(teacher_pos.shape[0], device=teacher_pos.device)
     losses = []
     for t_layer, s_layer in zip(teacher_states, student_states):
-        losses.append(_mse(s_layer[rows, student_pos], t_layer[rows, teacher_pos], normalise=True))
+        losses.append(_mse(s_layer[rows, student_pos], t_layer[rows, teacher_pos], normalise=scale))
     return torch.stack(losses).mean()
