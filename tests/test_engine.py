@@ -141,3 +141,35 @@ def test_flops_fall_when_layers_are_skipped(examples, policy):
     skip = generate(model, prompts, K=2, route=Route("hard", 0.0, policy), max_new_tokens=4)
     per_step = lambda gens: sum(g.flops for g in gens) / sum(len(g.ran) for g in gens)
     assert per_step(skip) < per_step(full) / 3
+
+
+def test_folded_shortcuts_compute_what_the_modules_do(examples):
+    """Inference's folded router and adapters: the same functions as LayerShortcut's, and
+    the logit threshold makes the same decision as sigmoid(logit) > lambda_depth."""
+    model = randomise_routers(tiny_model(examples, "gpt2", shortcuts=True))
+    width = model.backbone.hidden_size
+    g = torch.Generator().manual_seed(1)
+    h, h_prev = torch.randn(7, width, generator=g), torch.randn(7, width, generator=g)
+    with torch.no_grad():
+        for sc, fold in zip(model.shortcuts.layers, model.shortcuts.folded()):
+            w, depth = sc.route(h)
+            act, logits = fold.decide(h)
+            assert torch.allclose(torch.sigmoid(logits), w, atol=1e-6)
+            assert torch.allclose(fold.branch(h, act, h_prev), sc.branch(h, depth, h_prev), atol=1e-5)
+            for lam in (0.0, 0.2, 0.5, 0.9, 1.0):
+                ours = [x > Route("hard", lam).threshold for x in logits.view(-1).tolist()]
+                assert ours == [bool(x > lam) for x in w.view(-1)] or lam in (0.0, 1.0)
+            assert all(x > Route("hard", 0.0).threshold for x in logits.view(-1).tolist())
+            assert not any(x > Route("hard", 1.0).threshold for x in logits.view(-1).tolist())
+
+
+def test_folded_shortcuts_follow_the_weights(examples):
+    """The folded copy is rebuilt when a parameter changes (an optimizer step, a load)."""
+    model = tiny_model(examples, "gpt2", shortcuts=True)
+    first = model.shortcuts.folded()
+    assert model.shortcuts.folded() is first  # nothing changed: reused
+    with torch.no_grad():
+        model.shortcuts.layers[0].score.bias.add_(1.0)
+    again = model.shortcuts.folded()
+    assert again is not first
+    assert torch.equal(again[0].score_bias, model.shortcuts.layers[0].score.bias)

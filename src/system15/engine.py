@@ -11,6 +11,7 @@ output is scattered back. Skipped rows still write layer l's keys/values from th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,16 @@ class Route:
     lambda_depth: float = 0.5
     kv_policy: str = "fill"
 
+    @property
+    def threshold(self) -> float:
+        """lambda_depth on the router's logit scale: w = sigmoid(logit) > lambda exactly when
+        logit > log(lambda / (1 - lambda)), so the hard choice needs no sigmoid."""
+        if self.lambda_depth <= 0:
+            return -math.inf
+        if self.lambda_depth >= 1:
+            return math.inf
+        return math.log(self.lambda_depth / (1 - self.lambda_depth))
+
 
 FULL = Route()
 
@@ -34,7 +45,7 @@ FULL = Route()
 class StepResult:
     hidden: torch.Tensor            # [B, d] final-normed state (what the head reads)
     layers: list[torch.Tensor]      # h_{l,t} for every layer, each [B, d]
-    weights: torch.Tensor | None    # [B, L] router scores (None without shortcuts)
+    weights: torch.Tensor | None    # [B, L] router scores (soft route only: the hard choice reads logits)
     ran: list[list[bool]]           # [B][L] True where f_l ran for the row
 
 
@@ -49,18 +60,21 @@ def prefill(model, ids: torch.Tensor, visible: torch.Tensor):
     return cache, final[:, -1], [s[:, -1] for s in states], positions[:, -1] + 1
 
 
-def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, depth, ctx, cache, bias, route):
+def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     """One layer under the hard choice: f_l only on the rows whose score is <= lambda.
+    `fold` is the layer's FoldedShortcut; h is [B, 1, d], h_prev [B, d].
 
     Returns (out, k, v, skipped, hidden): `skipped` is a list of bools, one per row, read
-    from the scores in one host transfer (at batch 1 a layer is too cheap for more)."""
-    skipped = [score > route.lambda_depth for score in w.view(-1).tolist()]
+    from the logits in one host transfer (at batch 1 a layer is too cheap for more)."""
+    x = h[:, 0]
+    act, logits = fold.decide(x)
+    skipped = [logit > route.threshold for logit in logits.view(-1).tolist()]
     if not any(skipped):
         out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
         return out, k, v, skipped, None
     fill = route.kv_policy == "fill"
     if all(skipped):  # always so at batch 1 when the row skips: no gather/scatter
-        out = sc.branch(h, depth, h_prev[:, None])
+        out = fold.branch(x, act, h_prev)[:, None]
         if fill:
             k, v = bb.layer_kv(layer, h, ctx)
             return out, k, v, skipped, None
@@ -70,7 +84,7 @@ def _hard_layer(bb: Backbone, sc, layer, h, h_prev, w, depth, ctx, cache, bias, 
     run_rows = (~skip).nonzero(as_tuple=True)[0]
     skip_rows = skip.nonzero(as_tuple=True)[0]
     out = torch.empty_like(h)
-    out[skip_rows] = sc.branch(h[skip_rows], depth[skip_rows], h_prev[skip_rows, None])
+    out[skip_rows] = fold.branch(x[skip_rows], act[skip_rows], h_prev[skip_rows])[:, None]
     out_run, k_run, v_run = bb.run_layer(layer, h[run_rows], ctx.rows(run_rows), cache, rows=run_rows, bias=bias[run_rows])
     out[run_rows] = out_run
     k = k_run.new_zeros((h.shape[0], *k_run.shape[1:]))
@@ -88,26 +102,25 @@ def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
     batch = x.shape[0]
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
-    routed = model.shortcuts is not None and route.mode != "full"
-    shortcuts = list(model.shortcuts.layers) if routed else None
+    mode = route.mode if model.shortcuts is not None else "full"
+    shortcuts = model.shortcuts.layers if mode == "soft" else model.shortcuts.folded() if mode == "hard" else None
     layers, weights, hidden = [], [], []
     ran = [[True] * bb.num_layers for _ in range(batch)]
     for layer in range(bb.num_layers):
         bias = bb.layer_bias(ctx, cache, layer)
         hid = None
-        if not routed:
+        if mode == "full":
             out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
-        else:
+        elif mode == "soft":
             sc = shortcuts[layer]
             w, depth = sc.route(h)
             weights.append(w[:, 0, 0])
-            if route.mode == "soft":
-                full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
-                out = sc.mix(w, sc.branch(h, depth, prev[layer][:, None]), full)
-            else:
-                out, k, v, skipped, hid = _hard_layer(bb, sc, layer, h, prev[layer], w, depth, ctx, cache, bias, route)
-                for row, skip in enumerate(skipped):
-                    ran[row][layer] = not skip
+            full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
+            out = sc.mix(w, sc.branch(h, depth, prev[layer][:, None]), full)
+        else:
+            out, k, v, skipped, hid = _hard_layer(bb, shortcuts[layer], layer, h, prev[layer], ctx, cache, bias, route)
+            for row, skip in enumerate(skipped):
+                ran[row][layer] = not skip
         cache.append_kv(layer, k, v)
         layers.append(out[:, 0])
         hidden.append(hid)

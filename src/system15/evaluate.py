@@ -125,9 +125,10 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     example's prompt: the prefill; one full layer f_l; the three parts of a skipped layer (the
     router, the two adapters, the kv_policy="fill" K/V write); and a decoding step's work
     outside its layers (input, mask, final norm, head, argmax). Layer figures are for layer 1.
-    Needs a model with shortcuts (the router and adapters are timed too)."""
+    Needs a model with shortcuts (the router and adapters are timed too, in the folded form
+    the hard choice runs: shortcuts.FoldedShortcut)."""
     model.eval()
-    tok, bb, sc = model.tokenizer, model.backbone, model.shortcuts[0]
+    tok, bb, fold = model.tokenizer, model.backbone, model.shortcuts.folded()[0]
     device = next(model.parameters()).device
     ids = torch.tensor([prompt(tok, encode(tok, example))], device=device)
     visible = torch.ones_like(ids, dtype=torch.bool)
@@ -135,7 +136,7 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     x = model.thought_input(0, last)
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
-    depth = sc.route(h)[1]
+    act = fold.decide(h[:, 0])[0]
 
     def outside_layers():
         hh = bb.layer_input(x[:, None], positions[:, None])
@@ -145,8 +146,8 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     parts = {
         "prefill": lambda: prefill(model, ids, visible),
         "full_layer": lambda: bb.run_layer(0, h, ctx, cache),
-        "router": lambda: sc.route(h),
-        "adapters": lambda: sc.branch(h, depth, prev[0][:, None]),
+        "router": lambda: fold.decide(h[:, 0])[1].view(-1).tolist(),  # the decision, read on the host
+        "adapters": lambda: fold.branch(h[:, 0], act, prev[0]),
         "kv_fill": lambda: bb.layer_kv(0, h, ctx),
         "step_outside_layers": outside_layers,
     }

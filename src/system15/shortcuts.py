@@ -22,9 +22,17 @@ layer it replaces:
 g_l is residual (it starts as the identity: a skipped layer passes its input through) and
 `write` starts at zero, so a fresh shortcut equals "skip the layer". Routers start closed
 (w ~ 0.12) so stage 2 begins close to the full path it distils.
+
+Inference goes one step further (`Shortcuts.folded`): each LayerNorm's scale and shift are
+folded into the matrix after it, R_l's score and g_l's up-projection read the whole `read_in`
+output (zero weights over the other's units) so nothing is sliced, and the decision compares
+R_l's logit with logit(lambda_depth), so no sigmoid runs. A routed layer then costs five
+tensor operations for the decision and six more where it is skipped.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +93,77 @@ class LayerShortcut(nn.Module):
         return [self.read_prev, self.write]
 
 
+class FoldedShortcut(NamedTuple):
+    """One layer's R_l, g_l and g'_l rearranged for the hard choice (inference only, no
+    gradients): the same functions as LayerShortcut's, within float rounding, in fewer calls.
+    Matrices are stored [in, out] for `torch.addmm`; inputs are [N, d] rows."""
+
+    eps: float
+    read: torch.Tensor          # [d, R+G]: norm_in's scale folded into read_in
+    read_bias: torch.Tensor     # [R+G]: ... and its shift
+    score: torch.Tensor         # [R+G, 1]: R_l's output weights, zero over g_l's units
+    score_bias: torch.Tensor    # [1]
+    prev: torch.Tensor          # [d, G]: norm_prev folded into read_prev
+    prev_bias: torch.Tensor     # [G]
+    write_depth: torch.Tensor   # [R+G, d]: g_l's up-projection, zero over R_l's units
+    write_step: torch.Tensor    # [G, d]: g'_l's up-projection
+    write_bias: torch.Tensor    # [d]
+
+    def decide(self, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(read_in's activations, R_l's logit [N, 1]); the row skips where logit > logit(lambda)."""
+        normed = F.layer_norm(h_in, h_in.shape[-1:], eps=self.eps)
+        act = F.gelu(torch.addmm(self.read_bias, normed, self.read), approximate="tanh")
+        return act, torch.addmm(self.score_bias, act, self.score)
+
+    def branch(self, h_in: torch.Tensor, act: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        """g_l(h_{l-1,t}) + g'_l(h_{l,t-1}), with `act` from `decide`."""
+        step = F.gelu(torch.addmm(self.prev_bias, F.layer_norm(h_prev, h_prev.shape[-1:], eps=self.eps), self.prev),
+                      approximate="tanh")
+        out = torch.addmm(self.write_bias, step, self.write_step)
+        out += h_in
+        return torch.addmm(out, act, self.write_depth)
+
+
+def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear(norm(x)) = normalised(x) @ W + b: the norm's scale and shift moved into the linear."""
+    weight = linear.weight.t() * norm.weight[:, None]
+    return weight.contiguous(), linear.bias + norm.bias @ linear.weight.t()
+
+
+def _fold(sc: LayerShortcut) -> FoldedShortcut:
+    if sc.norm_in.eps != sc.norm_prev.eps:
+        raise ValueError("folding needs one LayerNorm eps for both adapters")
+    read, read_bias = _fold_norm(sc.norm_in, sc.read_in)
+    prev, prev_bias = _fold_norm(sc.norm_prev, sc.read_prev)
+    hidden, width = sc.router_hidden, read.shape[1]
+    score = read.new_zeros(width, 1)
+    score[:hidden] = sc.score.weight.t()
+    w_depth, w_step = sc.write.weight.t().split([width - hidden, prev.shape[1]])
+    write_depth = read.new_zeros(width, w_depth.shape[1])
+    write_depth[hidden:] = w_depth
+    return FoldedShortcut(sc.norm_in.eps, read, read_bias, score, sc.score.bias.clone(), prev, prev_bias,
+                          write_depth, w_step.contiguous(), sc.write.bias.clone())
+
+
 class Shortcuts(nn.Module):
     """One LayerShortcut per backbone layer."""
 
     def __init__(self, num_layers: int, width: int, bottleneck: int, router_hidden: int):
         super().__init__()
         self.layers = nn.ModuleList(LayerShortcut(width, bottleneck, router_hidden) for _ in range(num_layers))
+        self._folded: tuple = ((), [])
 
     def __getitem__(self, i: int) -> LayerShortcut:
         return self.layers[i]
+
+    @torch.no_grad()
+    def folded(self) -> list[FoldedShortcut]:
+        """Every layer's FoldedShortcut, rebuilt only when a parameter has changed since (an
+        optimizer step, a load, a move to another device)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if key != self._folded[0]:
+            self._folded = (key, [_fold(sc) for sc in self.layers])
+        return self._folded[1]
 
 
 def compute_cost_weights(critical: torch.Tensor, num_layers: int, e_noncritical: float, e_critical: float) -> torch.Tensor:
