@@ -30,6 +30,7 @@ from .evaluate import Record, accuracy, evaluate, latency_breakdown, measure_lat
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
+from . import rungs
 from .rungs import INIT_FROM, TEST_RECORDS, check_reusable, provenance, weights_digest
 from .runtime import accelerator_for, autocast, device_for, precision_for
 from .train import objective_for
@@ -126,12 +127,13 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
                  run_dir: Path | None = None) -> list[Record]:
     """A rung's records on the test set. With `run_dir` (the rung's folder) they are kept in
     its test_records.json and reused while the same weights decode the same test set the same
-    way, so a ladder interrupted after this point does not decode the test set again."""
+    way with the same code (`rungs.decoding_digest`), so a ladder interrupted after this point
+    does not decode the test set again."""
     K, route = objective_for(method, config).eval_K(config), route_for(method, config)
     cache = None if run_dir is None else run_dir / TEST_RECORDS
     key = {"weights": weights_digest(run_dir / "best") if run_dir else None, "K": K, "route": dataclasses.asdict(route),
            "max_new_tokens": config.task.max_new_tokens, "batch_size": config.eval.batch_size,
-           "device": device_for(config).type, "precision": precision_for(config),
+           "device": device_for(config).type, "precision": precision_for(config), "code": rungs.decoding_digest(),
            "test": hashlib.sha256(json.dumps([[e.question, e.answer] for e in test]).encode()).hexdigest()}
     if cache is not None and cache.exists() and key["weights"]:
         try:

@@ -16,7 +16,9 @@ table would mix runs trained on different settings.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from functools import cache
 from pathlib import Path
 
 from .checkpoint import MANIFEST
@@ -26,6 +28,21 @@ from .train import objective_class
 
 INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
 TEST_RECORDS = "test_records.json"  # a finished rung's test-set records, kept by pipeline.evaluate_rung
+# The source that turns weights into test records: decoding, the layers, the shortcuts, the
+# layout of a prompt, and how an answer is read and scored.
+DECODING_SOURCES = ("engine.py", "backbone.py", "shortcuts.py", "model.py", "layout.py", "evaluate.py", "flops.py",
+                    "data/formats.py")
+
+
+@cache
+def decoding_digest() -> str:
+    """SHA-256 over DECODING_SOURCES, so that test records decoded by other code (an engine
+    change, say) are decoded again instead of reused."""
+    package = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in DECODING_SOURCES:
+        h.update(name.encode() + b"\0" + (package / name).read_bytes())
+    return h.hexdigest()
 
 class StaleRunError(RuntimeError):
     """A run folder holds a run trained with other settings than the ones asked for."""
