@@ -13,7 +13,6 @@ from system15.config import METHODS, load_ablation
 from system15.model import load_reasoning_model
 from system15 import pipeline
 from system15.pipeline import evaluate_rung, load_splits, run_ablation, run_ladder, train_rung, train_stage1
-from system15 import rungs
 from system15.rungs import TEST_RECORDS, StaleRunError, weights_digest
 
 from conftest import tiny_config
@@ -116,7 +115,7 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     assert len(decoded) == 3
     evaluate_rung(config, "system15", model, test, runs / "system15")  # all the same: reused
     assert len(decoded) == 3
-    monkeypatch.setattr(rungs, "decoding_digest", lambda: "other code")  # the engine changed
+    monkeypatch.setattr(pipeline, "decoding_digest", lambda: "other code")  # the engine changed
     evaluate_rung(config, "system15", model, test, runs / "system15")
     assert len(decoded) == 4
 

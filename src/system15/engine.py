@@ -96,14 +96,16 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
 
 
 def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                prev: list[torch.Tensor], route: Route = FULL) -> StepResult:
-    """One new position per row. x: [B, d] input vectors; prev: h_{l,t-1} per layer."""
+                prev: list[torch.Tensor], route: Route = FULL, folded=None) -> StepResult:
+    """One new position per row. x: [B, d] input vectors; prev: h_{l,t-1} per layer.
+    `folded`: the hard choice's FoldedShortcuts when the caller already holds them (checking
+    that they are current walks every shortcut parameter, too slow to repeat at every step)."""
     bb: Backbone = model.backbone
     batch = x.shape[0]
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
     mode = route.mode if model.shortcuts is not None else "full"
-    shortcuts = model.shortcuts.layers if mode == "soft" else model.shortcuts.folded() if mode == "hard" else None
+    shortcuts = model.shortcuts.layers if mode == "soft" else (folded or model.shortcuts.folded()) if mode == "hard" else None
     layers, weights, hidden = [], [], []
     ran = [[True] * bb.num_layers for _ in range(batch)]
     for layer in range(bb.num_layers):
@@ -189,10 +191,11 @@ def generate(model, prompts: list[list[int]], *, K: int | None, route: Route = F
     ledger = _Ledger(model, gens, route) if account else None
     cache, last, prev, positions = prefill(model, ids, visible)
     active = torch.ones(batch, dtype=torch.bool, device=device)
+    folded = model.shortcuts.folded() if model.shortcuts is not None and route.mode == "hard" else None
 
     def step(x):
         nonlocal last, prev, positions
-        res = decode_step(model, x, positions, cache, prev, route)
+        res = decode_step(model, x, positions, cache, prev, route, folded)
         last, prev, positions = res.hidden, res.layers, positions + 1
         return res
 

@@ -30,8 +30,7 @@ from .evaluate import Record, accuracy, evaluate, latency_breakdown, measure_lat
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
-from . import rungs
-from .rungs import INIT_FROM, TEST_RECORDS, check_reusable, provenance, weights_digest
+from .rungs import INIT_FROM, TEST_RECORDS, check_reusable, decoding_digest, provenance, weights_digest
 from .runtime import accelerator_for, autocast, device_for, precision_for
 from .train import objective_for
 from .train.loop import fit, is_done
@@ -133,7 +132,7 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
     cache = None if run_dir is None else run_dir / TEST_RECORDS
     key = {"weights": weights_digest(run_dir / "best") if run_dir else None, "K": K, "route": dataclasses.asdict(route),
            "max_new_tokens": config.task.max_new_tokens, "batch_size": config.eval.batch_size,
-           "device": device_for(config).type, "precision": precision_for(config), "code": rungs.decoding_digest(),
+           "device": device_for(config).type, "precision": precision_for(config), "code": decoding_digest(),
            "test": hashlib.sha256(json.dumps([[e.question, e.answer] for e in test]).encode()).hexdigest()}
     if cache is not None and cache.exists() and key["weights"]:
         try:

@@ -44,6 +44,7 @@ def decoding_digest() -> str:
         h.update(name.encode() + b"\0" + (package / name).read_bytes())
     return h.hexdigest()
 
+
 class StaleRunError(RuntimeError):
     """A run folder holds a run trained with other settings than the ones asked for."""
 
