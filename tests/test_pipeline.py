@@ -141,6 +141,10 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     assert rows["latent: segment"]["decoding_steps"] >= config.latent.K + 1
     md = (root / "results" / "levers" / "summary.md").read_text()
     assert "`latent.K=1`" in md and "best validation accuracy" in md
+    curve = rows["latent: K=1"]["valid_curve"]  # every evaluation of its training, from its log
+    logged = [json.loads(line) for line in (runs / "latent-K_1" / "log.jsonl").read_text().splitlines()]
+    assert curve == [[e["step"], e["valid_accuracy"]] for e in logged if "valid_accuracy" in e] and curve
+    assert max(acc for _, acc in curve) == rows["latent: K=1"]["best_valid_accuracy"]
 
 
 def _replace(config, section: str, **changes):

@@ -30,6 +30,8 @@ from ..config import TrainConfig
 from ..layout import Encoded
 from .objective import Objective
 
+LOG_FILE = "log.jsonl"  # a run folder's training log, one JSON entry a line
+
 
 class NonFiniteLoss(RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is left untouched."""
@@ -174,16 +176,16 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     if resumed is not None:
         state = load_training_state(resumed, model, opt)
         if main:
-            truncate_log(run_dir / "log.jsonl", state["step"])
+            truncate_log(run_dir / LOG_FILE, state["step"])
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)  # left by a run that died before its first checkpoint
+        (run_dir / LOG_FILE).unlink(missing_ok=True)  # left by a run that died before its first checkpoint
         record = {**run_record(objective, model, cfg, accelerator), **(provenance or {})}
         write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2, default=str))
 
     def log(entry: dict) -> None:
         if main:
-            with open(run_dir / "log.jsonl", "a") as f:
+            with open(run_dir / LOG_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     if resumed is not None:
