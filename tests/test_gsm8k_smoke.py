@@ -19,7 +19,13 @@ def test_gsm8k_smoke_recipe_runs_the_whole_ladder(tmp_path):
     assert saved["task"] == "gsm8k" and saved["backbone"] == "smollm2"
     assert [r["method"] for r in saved["rows"]] == list(METHODS)
     for row in saved["rows"]:
-        numbers = {k: v for k, v in row.items() if k != "method"}
-        assert numbers and all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values()), row
+        numbers = [n for k, v in row.items() if k != "method" for n in _numbers(v)]
+        assert numbers and all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), row
+        assert row["valid_curve"], row  # each rung evaluated on validation at least once
     assert len(summary["sweep"]) == 1
     assert (tmp_path / "results" / "gsm8k_smoke" / "pareto.png").exists()
+
+
+def _numbers(value) -> list:
+    """The numbers in a row's value: itself, or every item of a list (the validation curve)."""
+    return [n for item in value for n in _numbers(item)] if isinstance(value, list) else [value]
