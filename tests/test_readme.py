@@ -50,3 +50,22 @@ def test_readme_numbers_come_from_the_results_files():
 def test_readme_figures_exist():
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", README):
         assert (ROOT / figure).exists(), figure
+
+
+def test_results_commands_keep_the_readme_tables_in_step(tmp_path, monkeypatch):
+    """write_summary rewrites the README's table of the summary it writes, and nothing else."""
+    from system15.report import write_summary
+
+    readme = tmp_path / "README.md"
+    other = "<!-- results: elsewhere/summary.json -->\n| old |\n<!-- /results -->"
+    readme.write_text(f"# title\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n\nprose\n\n{other}\n")
+    rows = [{"method": "cot", "accuracy": 0.5, "decoding_steps": 3.0}]
+    summary = {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows}
+    monkeypatch.chdir(tmp_path)  # results commands run from the repository root; paths match as the README writes them
+    write_summary("out", summary)
+    text = readme.read_text()
+    assert f"<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n\nprose\n" in text
+    assert "| stale |" not in text and other in text and text.startswith("# title\n")
+    untouched = readme.read_text()
+    write_summary(tmp_path / "somewhere", summary, readme=readme)  # a path the README does not quote
+    assert readme.read_text() == untouched

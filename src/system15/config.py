@@ -169,7 +169,7 @@ class EvalConfig:
     batch_size: int = _f(64, "batch size for accuracy runs")
     timing_batch_sizes: list = _f([1, 8, 64], "batch sizes at which wall-clock speedups are measured")
     timing_examples: int = _f(64, "examples per timing measurement (taken from the test set; at least one full batch at each batch size)")
-    timing_rounds: int = _f(3, "interleaved timing rounds; each method keeps its best round")
+    timing_rounds: int = _f(3, "timing rounds, methods interleaved batch by batch; each batch keeps its best round")
     sweep_depth: list = _f([0.3, 0.5, 0.7, 0.9], "lambda_depth values for the threshold sweep")
     sweep_step: list = _f([1, 2, 3], "K (lambda_step) values for the threshold sweep")
 

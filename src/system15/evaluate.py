@@ -98,25 +98,29 @@ def measure_latencies(runs: dict[str, tuple], examples: list[Example], *, batch_
                       max_new_tokens: int = 64, rounds: int = 1) -> dict[str, float]:
     """Milliseconds per example (wall clock) for each named run `(model, K, route)`.
 
-    The runs are timed in interleaved rounds: each round times every run once, in turn, and
-    each run keeps its best round. A slow spell of a noisy machine then touches every method
-    alike instead of landing on one of them. Each run gets a warm-up batch first."""
+    The runs are interleaved batch by batch: each round goes through the batches once, and
+    times every run on a batch before moving to the next. Each (run, batch) keeps its best
+    time over the rounds, and a run's latency is the sum of its batches' best times. A slow
+    spell of a noisy machine then lasts a batch, not a whole method, and touches every method
+    alike: a long method (CoT) no longer needs a whole quiet round to show its real cost, as
+    it did when each run kept its best whole round. Each run gets a warm-up batch first."""
     prompts = {}
     for name, (model, K, route) in runs.items():
         model.eval()
         prompts[name] = [prompt(model.tokenizer, encode(model.tokenizer, ex)) for ex in examples]
         generate(model, prompts[name][:batch_size], K=K, route=route, max_new_tokens=max_new_tokens, account=False)
-    best = dict.fromkeys(runs, float("inf"))
+    starts = range(0, len(examples), batch_size)
+    best = {name: [float("inf")] * len(starts) for name in runs}
     for _ in range(rounds):
-        for name, (model, K, route) in runs.items():
-            _sync()
-            began = time.perf_counter()
-            for start in range(0, len(examples), batch_size):
+        for i, start in enumerate(starts):
+            for name, (model, K, route) in runs.items():
+                _sync()
+                began = time.perf_counter()
                 generate(model, prompts[name][start:start + batch_size], K=K, route=route,
                          max_new_tokens=max_new_tokens, account=False)
-            _sync()
-            best[name] = min(best[name], time.perf_counter() - began)
-    return {name: 1000 * seconds / len(examples) for name, seconds in best.items()}
+                _sync()
+                best[name][i] = min(best[name][i], time.perf_counter() - began)
+    return {name: 1000 * sum(times) / len(examples) for name, times in best.items()}
 
 
 @torch.no_grad()

@@ -63,7 +63,9 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def write_summary(out_dir: str | Path, summary: dict) -> Path:
+def write_summary(out_dir: str | Path, summary: dict, readme: str | Path | None = "README.md") -> Path:
+    """summary.json and summary.md in `out_dir`; and the `readme`'s table of this summary.json,
+    where it quotes one (see `sync_readme`), so the README stays in step with the results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -83,7 +85,33 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
                f"If skipped layers and routers cost nothing, the speedup over CoT (rebuilt from the same parts: "
                f"{parts['cot_rebuilt_ms']:.1f} ms) would be at most {parts['speedup_vs_cot_if_skips_were_free']:.2f}x.", ""]
     write_text_atomic(out / "summary.md", "\n".join(md))
+    if readme is not None:
+        sync_readme(readme, out / "summary.json", summary["rows"])
     return out / "summary.json"
+
+
+def sync_readme(readme: str | Path, summary_path: str | Path, rows: list[dict]) -> bool:
+    """Replace the table the README quotes from `summary_path`, between
+    `<!-- results: <summary_path> -->` and `<!-- /results -->`, by the table of `rows`.
+    The path is matched as written (relative to the folder the command runs in). Returns
+    whether the README changed; a README that is missing or quotes no such table is left alone."""
+    readme = Path(readme)
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    opening = f"<!-- results: {Path(summary_path).as_posix()} -->\n"
+    start = text.find(opening)
+    if start < 0:
+        return False
+    body = start + len(opening)
+    end = text.find("\n<!-- /results -->", body)
+    if end < 0:
+        raise ValueError(f"{readme}: the results block for {summary_path} has no closing <!-- /results -->")
+    new = text[:body] + markdown_table(rows) + text[end:]
+    if new == text:
+        return False
+    write_text_atomic(readme, new)
+    return True
 
 
 def plot_sweep(out_dir: str | Path, sweep: list[dict], reference: dict[str, dict]) -> list[Path]:
