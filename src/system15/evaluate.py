@@ -123,7 +123,7 @@ def measure_latencies(runs: dict[str, tuple], examples: list[Example], *, batch_
     return {name: 1000 * sum(times) / len(examples) for name, times in best.items()}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as generate runs
 def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[str, float]:
     """Where batch-1 decoding time goes, in microseconds (median of `repeats` calls), on one
     example's prompt: the prefill; one full layer f_l; the three parts of a skipped layer (the
