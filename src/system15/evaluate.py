@@ -125,10 +125,11 @@ def measure_latencies(runs: dict[str, tuple], examples: list[Example], *, batch_
 
 @torch.inference_mode()  # as generate runs
 def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[str, float]:
-    """Where batch-1 decoding time goes, in microseconds (median of `repeats` calls), on one
-    example's prompt: the prefill; one full layer f_l; the three parts of a skipped layer (the
-    router, the two adapters, the kv_policy="fill" K/V write); and a decoding step's work
-    outside its layers (input, mask, final norm, head, argmax). Layer figures are for layer 1.
+    """Where batch-1 decoding time goes, in microseconds (median of `repeats` calls, the parts
+    timed in turn within each repeat), on one example's prompt: the prefill; one full layer
+    f_l; the three parts of a skipped layer (the router, the two adapters, the
+    kv_policy="fill" K/V write); and a decoding step's work outside its layers (input, mask,
+    final norm, head, argmax). Layer figures are for layer 1.
     Needs a model with shortcuts (the router and adapters are timed too, in the folded form
     the hard choice runs: shortcuts.FoldedShortcut)."""
     model.eval()
@@ -155,18 +156,17 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
         "kv_fill": lambda: bb.layer_kv(0, h, ctx),
         "step_outside_layers": outside_layers,
     }
-    out = {}
-    for name, call in parts.items():
+    for call in parts.values():
         call()
-        times = []
-        for _ in range(repeats):
+    times = {name: [] for name in parts}
+    for _ in range(repeats):  # the parts in turn, repeat by repeat: a slow spell touches them all alike
+        for name, call in parts.items():
             _sync()
             began = time.perf_counter()
             call()
             _sync()
-            times.append(time.perf_counter() - began)
-        out[f"{name}_us"] = 1e6 * sorted(times)[len(times) // 2]
-    return out
+            times[name].append(time.perf_counter() - began)
+    return {f"{name}_us": 1e6 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _sync() -> None:
