@@ -33,7 +33,7 @@ from .report import device_name, plot_sweep, write_summary
 from .rungs import INIT_FROM, TEST_RECORDS, check_reusable, decoding_digest, provenance, weights_digest
 from .runtime import accelerator_for, autocast, device_for, precision_for
 from .train import objective_for
-from .train.loop import LOG_FILE, fit, is_done
+from .train.loop import LOG_FILE, fit, is_done, log_entries
 from .train.stage1 import probe_readout
 
 
@@ -119,8 +119,7 @@ def _training_record(run_dir: Path) -> dict:
     """A finished rung's own training (from its done.json), also when this run reused it,
     and its validation curve: [step, accuracy] at every evaluation (from its log)."""
     done = json.loads((run_dir / "done.json").read_text())
-    log = run_dir / LOG_FILE
-    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    entries = log_entries(run_dir / LOG_FILE)
     return {"best_valid_accuracy": done.get("best_valid_accuracy"), "train_steps": done["steps"],
             "train_seconds": done["seconds"],
             "valid_curve": [[e["step"], e["valid_accuracy"]] for e in entries if "valid_accuracy" in e]}

@@ -120,19 +120,22 @@ def run_record(objective: Objective, model, cfg: TrainConfig, accelerator) -> di
             "torch": torch.__version__, "transformers": transformers.__version__, "argv": sys.argv}
 
 
-def _logged_step(line: str) -> int | None:
-    try:
-        return json.loads(line).get("step", 0)
-    except ValueError:  # a line cut short by the kill
-        return None
+def log_entries(path: Path) -> list[dict]:
+    """A training log's entries, in order, without a line cut short by a kill."""
+    entries = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:  # a line cut short by the kill
+            continue
+    return entries
 
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop log entries past `step` (and any torn last line): a resumed run logs those steps again."""
     if path.exists():
-        entries = [(line, _logged_step(line)) for line in path.read_text().splitlines()]
-        kept = [line for line, at in entries if at is not None and at <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        kept = [e for e in log_entries(path) if e.get("step", 0) <= step]
+        write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
 def global_mean(accelerator, loss: torch.Tensor, metrics: dict) -> tuple[float, dict]:
