@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from system15.config import load_config
-from system15.report import markdown_table
+from system15.report import markdown_table, notes
 
 from conftest import ROOT
 
@@ -38,13 +38,16 @@ def test_every_recipe_loads(recipe):
 
 
 def test_readme_numbers_come_from_the_results_files():
-    """Each results table in the README is the table of the summary.json it names."""
+    """Each results table in the README is the table of the summary.json it names, and each
+    notes block what summary.md says below that table."""
     quoted = re.findall(r"<!-- results: (\S+) -->\n(.*?)\n<!-- /results -->", README, re.S)
     assert quoted, "the README quotes no results"
     for path, table in quoted:
         summary = json.loads((ROOT / path).read_text())
         assert table.strip() == markdown_table(summary["rows"]).strip(), path
         assert summary["command"] in README, f"the command that regenerates {path} is not in the README"
+    for path, body in re.findall(r"<!-- notes: (\S+) -->\n(.*?)\n<!-- /notes -->", README, re.S):
+        assert body == "\n\n".join(notes(json.loads((ROOT / path).read_text()))), path
 
 
 def test_readme_figures_exist():
@@ -69,3 +72,22 @@ def test_results_commands_keep_the_readme_tables_in_step(tmp_path, monkeypatch):
     untouched = readme.read_text()
     write_summary(tmp_path / "somewhere", summary, readme=readme)  # a path the README does not quote
     assert readme.read_text() == untouched
+
+
+def test_results_commands_keep_the_readme_notes_in_step(tmp_path, monkeypatch):
+    """The notes block is rewritten with what summary.md says below its table, also when
+    the README's block is still empty; the prose around it is left alone."""
+    from system15.report import write_summary
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- notes: out/summary.json -->\n<!-- /notes -->\n\nprose 1.23x\n")
+    rows = [{"method": "cot", "accuracy": 0.9}, {"method": "latent", "accuracy": 0.5}]
+    summary = {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows,
+               "stage1_align": {"segment": 0.25, "chosen": "segment"}}
+    monkeypatch.chdir(tmp_path)
+    write_summary("out", summary)
+    text = readme.read_text()
+    said = "\n\n".join(notes(summary))
+    assert "segment: 25.0%" in said and "50.0% against 81.0%" in said
+    assert text == f"<!-- notes: out/summary.json -->\n{said}\n<!-- /notes -->\n\nprose 1.23x\n"
+    assert said in (tmp_path / "out" / "summary.md").read_text()

@@ -105,7 +105,11 @@ def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
     mode = route.mode if model.shortcuts is not None else "full"
-    shortcuts = model.shortcuts.layers if mode == "soft" else (folded or model.shortcuts.folded()) if mode == "hard" else None
+    shortcuts = None
+    if mode == "soft":
+        shortcuts = model.shortcuts.layers
+    elif mode == "hard":
+        shortcuts = folded or model.shortcuts.folded()
     layers, weights, hidden = [], [], []
     ran = [[True] * bb.num_layers for _ in range(batch)]
     for layer in range(bb.num_layers):

@@ -63,51 +63,130 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
+# The bars the project set itself on the default task (its stage-1 and System-1.5 issues).
+STAGE1_SHARE_OF_COT = 0.9       # stage 1 reaches 90% of CoT-SFT's accuracy...
+STAGE1_MARGIN_POINTS = 20.0     # ...and beats No-CoT and pause tokens by 20 points
+SYSTEM15_GAP_POINTS = 2.0       # System-1.5 stays within 2 points of stage 1...
+SYSTEM15_FLOPS_REDUCTION = 1.5  # ...with 1.5x fewer FLOPs per decoding step...
+SYSTEM15_SPEEDUP_B1 = 10.0      # ...and 10x the speed of CoT at batch 1
+_ROUNDING = 1e-9                # a figure exactly at its bar meets it, whatever the float rounding
+
+
+def bars(rows: list[dict]) -> list[str]:
+    """This run against the bars above, one Markdown bullet each: the figure and whether it
+    is met. A bar whose rows the run lacks is left out."""
+    by = {r["method"]: r for r in rows}
+    cot, latent, s15 = by.get("cot"), by.get("latent"), by.get("system15")
+    lines = []
+
+    def bar(what: str, figure: str, met: bool) -> None:
+        lines.append(f"- {what}: {figure}. **{'Met' if met else 'Not met'}.**")
+
+    if latent and cot:
+        need = STAGE1_SHARE_OF_COT * cot["accuracy"]
+        bar(f"Stage 1 reaches at least {STAGE1_SHARE_OF_COT:.0%} of CoT's accuracy",
+            f"{latent['accuracy']:.1%} against {need:.1%} ({STAGE1_SHARE_OF_COT:.0%} of {cot['accuracy']:.1%})",
+            latent["accuracy"] >= need - _ROUNDING)
+    for name, label in (("pause", "pause tokens"), ("nocot", "No-CoT")):
+        if latent and name in by:
+            margin = 100 * (latent["accuracy"] - by[name]["accuracy"])
+            bar(f"Stage 1 beats {label} by at least {STAGE1_MARGIN_POINTS:.0f} points",
+                f"{margin:+.1f} points ({latent['accuracy']:.1%} against {by[name]['accuracy']:.1%})",
+                margin >= STAGE1_MARGIN_POINTS - _ROUNDING)
+    if s15 and latent:
+        gap = 100 * (s15["accuracy"] - latent["accuracy"])
+        bar(f"System-1.5 within {SYSTEM15_GAP_POINTS:.0f} points of stage 1",
+            f"{gap:+.1f} points ({s15['accuracy']:.1%} against {latent['accuracy']:.1%})", abs(gap) <= SYSTEM15_GAP_POINTS + _ROUNDING)
+    if s15 and "flops_reduction_vs_latent" in s15:
+        bar(f"System-1.5 takes at least {SYSTEM15_FLOPS_REDUCTION:g}x fewer FLOPs per decoding step than stage 1",
+            f"{s15['flops_reduction_vs_latent']:.2f}x", s15["flops_reduction_vs_latent"] >= SYSTEM15_FLOPS_REDUCTION - _ROUNDING)
+    if s15 and "speedup_vs_cot" in s15:
+        others = "".join(f", batch {b}: {s15[f'speedup_vs_cot_b{b}']:.2f}x" for b in (8, 64) if f"speedup_vs_cot_b{b}" in s15)
+        bar(f"System-1.5 is at least {SYSTEM15_SPEEDUP_B1:g}x faster than CoT at batch 1",
+            f"{s15['speedup_vs_cot']:.2f}x ({others[2:] or 'batch 1 only'})", s15["speedup_vs_cot"] >= SYSTEM15_SPEEDUP_B1 - _ROUNDING)
+    if s15 and "skip_frac_critical" in s15:
+        nc, c = s15["skip_frac_noncritical"], s15["skip_frac_critical"]
+        bar("Non-critical steps skip more layers than critical ones", f"{nc:.1%} of their layers against {c:.1%}", nc > c)
+    return lines
+
+
+def notes(summary: dict) -> list[str]:
+    """What summary.md says below its table, as Markdown paragraphs: the bars (a ladder's
+    run only), stage 1's alignment rules, the timing noise, System-1.5's batch-1 latency taken apart. The README
+    quotes them (`sync_readme`), so it never carries a figure of an older run."""
+    out = []
+    met = [] if "ablation" in summary else bars(summary["rows"])  # an ablation's rows are variants, not the ladder
+    if met:
+        out.append("Against the bars set for the default task:\n" + "\n".join(met))
+    if summary.get("stage1_align"):
+        out.append("Stage-1 alignment rules (validation accuracy): " +
+                   ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
+                   f"; chosen: {summary['stage1_align'].get('chosen')}")
+    pause = next((r for r in summary["rows"] if r["method"] == "pause" and "speedup_vs_latent" in r), None)
+    if pause and any(r["method"] == "latent" for r in summary["rows"]):
+        gauge = " / ".join(f"{pause[k]:.2f}x" for k in ("speedup_vs_latent", "speedup_vs_latent_b8", "speedup_vs_latent_b64")
+                           if k in pause)
+        out.append("Timing noise of this run: pause tokens and the latent path do nearly the same work, and their "
+                   f"latency ratio is {gauge} at batch 1 / 8 / 64.")
+    s15 = next((r for r in summary["rows"] if r["method"] == "system15"), None)
+    own = [p for p in summary.get("sweep") or [] if s15 and p["K"] == summary["config"]["latent"]["K"]
+           and p["lambda_depth"] == summary["config"]["shortcut"]["lambda_depth"]]
+    if own and "speedup_vs_cot" in own[0]:
+        out.append(f"The sweep times System-1.5's own setting again: {own[0]['speedup_vs_cot']:.2f}x faster than CoT at "
+                   f"batch 1, against {s15['speedup_vs_cot']:.2f}x in the table.")
+    parts = summary.get("system15_latency_parts")
+    if parts:
+        out.append(f"System-1.5 at batch 1, rebuilt from its parts: {parts['rebuilt_ms']:.2f} ms (measured "
+                   f"{parts['measured_ms']:.2f} ms). Prefill {parts['prefill_us']:.0f} µs; a full layer {parts['full_layer_us']:.0f} µs; "
+                   f"a skipped layer: router {parts['router_us']:.0f} + adapters {parts['adapters_us']:.0f} + K/V fill "
+                   f"{parts['kv_fill_us']:.0f} µs; per step outside the layers {parts['step_outside_layers_us']:.0f} µs; "
+                   f"{parts['layers_run_per_example']:.1f} layers run over {parts['forwards_per_example']:.1f} steps per example. "
+                   f"If skipped layers and routers cost nothing, the speedup over CoT (rebuilt from the same parts: "
+                   f"{parts['cot_rebuilt_ms']:.1f} ms) would be at most {parts['speedup_vs_cot_if_skips_were_free']:.2f}x.")
+    return out
+
+
 def write_summary(out_dir: str | Path, summary: dict, readme: str | Path | None = "README.md") -> Path:
-    """summary.json and summary.md in `out_dir`; and the `readme`'s table of this summary.json,
-    where it quotes one (see `sync_readme`), so the README stays in step with the results."""
+    """summary.json and summary.md in `out_dir`; and the `readme`'s blocks of this summary.json,
+    where it quotes them (see `sync_readme`), so the README stays in step with the results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    table, paragraphs = markdown_table(summary["rows"]), notes(summary)
     md = [f"# {out.name}", "", f"task: `{summary['task']}` · backbone: `{summary['backbone']}` · device: {summary['device']}",
-          "", markdown_table(summary["rows"]), "", f"Regenerate: `{summary['command']}`", ""]
-    if summary.get("stage1_align"):
-        md += ["Stage-1 alignment rules (validation accuracy): " +
-               ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
-               f"; chosen: {summary['stage1_align'].get('chosen')}", ""]
-    parts = summary.get("system15_latency_parts")
-    if parts:
-        md += [f"System-1.5 at batch 1, rebuilt from its parts: {parts['rebuilt_ms']:.2f} ms (measured "
-               f"{parts['measured_ms']:.2f} ms). Prefill {parts['prefill_us']:.0f} µs; a full layer {parts['full_layer_us']:.0f} µs; "
-               f"a skipped layer: router {parts['router_us']:.0f} + adapters {parts['adapters_us']:.0f} + K/V fill "
-               f"{parts['kv_fill_us']:.0f} µs; per step outside the layers {parts['step_outside_layers_us']:.0f} µs; "
-               f"{parts['layers_run_per_example']:.1f} layers run over {parts['forwards_per_example']:.1f} steps per example. "
-               f"If skipped layers and routers cost nothing, the speedup over CoT (rebuilt from the same parts: "
-               f"{parts['cot_rebuilt_ms']:.1f} ms) would be at most {parts['speedup_vs_cot_if_skips_were_free']:.2f}x.", ""]
+          "", table, "", f"Regenerate: `{summary['command']}`", ""]
+    md += [line for p in paragraphs for line in (p, "")]
     write_text_atomic(out / "summary.md", "\n".join(md))
     if readme is not None:
-        sync_readme(readme, out / "summary.json", summary["rows"])
+        sync_readme(readme, out / "summary.json", {"results": table, "notes": "\n\n".join(paragraphs)})
     return out / "summary.json"
 
 
-def sync_readme(readme: str | Path, summary_path: str | Path, rows: list[dict]) -> bool:
-    """Replace the table the README quotes from `summary_path`, between
-    `<!-- results: <summary_path> -->` and `<!-- /results -->`, by the table of `rows`.
-    The path is matched as written (relative to the folder the command runs in). Returns
-    whether the README changed; a README that is missing or quotes no such table is left alone."""
+README_BLOCKS = ("results", "notes")  # <!-- results: PATH --> the table; <!-- notes: PATH --> what follows it
+
+
+def sync_readme(readme: str | Path, summary_path: str | Path, blocks: dict[str, str]) -> bool:
+    """Replace each block the README quotes from `summary_path`, between
+    `<!-- KIND: <summary_path> -->` and `<!-- /KIND -->`, by `blocks[KIND]` (KIND one of
+    README_BLOCKS). The path is matched as written (relative to the folder the command runs
+    in). Returns whether the README changed; a README that is missing or quotes no such
+    block is left alone."""
     readme = Path(readme)
     if not readme.is_file():
         return False
-    text = readme.read_text()
-    opening = f"<!-- results: {Path(summary_path).as_posix()} -->\n"
-    start = text.find(opening)
-    if start < 0:
-        return False
-    body = start + len(opening)
-    end = text.find("\n<!-- /results -->", body)
-    if end < 0:
-        raise ValueError(f"{readme}: the results block for {summary_path} has no closing <!-- /results -->")
-    new = text[:body] + markdown_table(rows) + text[end:]
+    text = new = readme.read_text()
+    for kind, body in blocks.items():
+        if kind not in README_BLOCKS:
+            raise ValueError(f"unknown README block {kind!r}; known: {README_BLOCKS}")
+        opening = f"<!-- {kind}: {Path(summary_path).as_posix()} -->\n"
+        start = new.find(opening)
+        if start < 0:
+            continue
+        begin = start + len(opening)
+        end = new.find(f"\n<!-- /{kind} -->", begin - 1)  # begin - 1: an empty block's closing follows at once
+        if end < 0:
+            raise ValueError(f"{readme}: the {kind} block for {summary_path} has no closing <!-- /{kind} -->")
+        new = new[:begin] + body + new[end:]
     if new == text:
         return False
     write_text_atomic(readme, new)

@@ -1,0 +1,44 @@
+"""The bars a ladder's summary is judged against: each met or not by this run's own rows."""
+
+from system15.report import bars, notes
+
+
+def rows(latent, s15_acc=0.5, speedup=12.0, flops=1.6, skip=(0.2, 0.9)):
+    return [
+        {"method": "cot", "accuracy": 1.0},
+        {"method": "nocot", "accuracy": 0.2},
+        {"method": "pause", "accuracy": 0.3},
+        {"method": "latent", "accuracy": latent},
+        {"method": "system15", "accuracy": s15_acc, "speedup_vs_cot": speedup, "speedup_vs_cot_b8": 5.0,
+         "speedup_vs_cot_b64": 4.0, "flops_reduction_vs_latent": flops,
+         "skip_frac_critical": skip[0], "skip_frac_noncritical": skip[1]},
+    ]
+
+
+def verdicts(lines):
+    return [line.endswith("**Met.**") for line in lines]
+
+
+def test_every_bar_is_met_at_or_past_its_threshold():
+    lines = bars(rows(latent=0.9, s15_acc=0.88, speedup=10.0, flops=1.5))
+    assert len(lines) == 7 and all(verdicts(lines))
+    assert "90.0% against 90.0%" in lines[0] and "+60.0 points" in lines[1] and "10.00x (batch 8: 5.00x, batch 64: 4.00x)" in lines[5]
+
+
+def test_each_bar_fails_on_its_own_figure():
+    assert verdicts(bars(rows(latent=0.89, s15_acc=0.89))) == [False] + [True] * 6       # below 90% of CoT
+    assert verdicts(bars(rows(latent=0.9, s15_acc=0.87))) == [True] * 3 + [False] + [True] * 3  # 3 points below stage 1
+    assert verdicts(bars(rows(latent=0.9, s15_acc=0.93))) == [True] * 3 + [False] + [True] * 3  # or above: not within 2
+    assert verdicts(bars(rows(latent=0.9, s15_acc=0.9, flops=1.49)))[4] is False
+    assert verdicts(bars(rows(latent=0.9, s15_acc=0.9, speedup=9.99)))[5] is False
+    assert verdicts(bars(rows(latent=0.9, s15_acc=0.9, skip=(0.5, 0.5))))[6] is False
+    low_margin = rows(latent=0.45, s15_acc=0.45)  # 15 points over pause, 25 over No-CoT
+    assert verdicts(bars(low_margin))[1:3] == [False, True]
+
+
+def test_bars_need_their_rows_and_ablations_get_none():
+    assert bars([{"method": "cot", "accuracy": 0.9}]) == []
+    assert len(bars(rows(0.5)[:4])) == 3  # no System-1.5 row: stage 1's bars only
+    summary = {"rows": rows(0.5), "ablation": "configs/ablations/x.yaml"}
+    assert not any("bars" in p for p in notes(summary))
+    assert "bars" in notes({"rows": rows(0.5)})[0]
