@@ -121,7 +121,7 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     assert len(decoded) == 4
 
 
-def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladder):
+def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladder, monkeypatch):
     root, config, _ = ladder
     recipe = root / "tiny.json"
     config.save(recipe)
@@ -146,6 +146,11 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     logged = [json.loads(line) for line in (runs / "latent-K_1" / "log.jsonl").read_text().splitlines()]
     assert curve == [[e["step"], e["valid_accuracy"]] for e in logged if "valid_accuracy" in e] and curve
     assert max(acc for _, acc in curve) == rows["latent: K=1"]["best_valid_accuracy"]
+    decoded = []  # measured again: every rung's test records are reused, only the timing runs
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(k["K"]) or real(*a, **k))
+    again = run_ablation(load_ablation(root / "levers.yaml"), runs_root=root / "runs", results_root=root / "results")
+    assert decoded == [] and [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in summary["rows"]]
 
 
 def _replace(config, section: str, **changes):

@@ -126,11 +126,11 @@ def _training_record(run_dir: Path) -> dict:
 
 
 def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: list[Example],
-                 run_dir: Path | None = None) -> list[Record]:
+                 run_dir: Path | None = None, label: str | None = None) -> list[Record]:
     """A rung's records on the test set. With `run_dir` (the rung's folder) they are kept in
     its test_records.json and reused while the same weights decode the same test set the same
     way with the same code (`rungs.decoding_digest`), so a ladder interrupted after this point
-    does not decode the test set again."""
+    does not decode the test set again. `label` names the rung on the progress bar."""
     K, route = objective_for(method, config).eval_K(config), route_for(method, config)
     cache = None if run_dir is None else run_dir / TEST_RECORDS
     key = {"weights": weights_digest(run_dir / "best") if run_dir else None, "K": K, "route": dataclasses.asdict(route),
@@ -145,7 +145,7 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
         except (ValueError, TypeError, AttributeError):  # unreadable, or written by another version: decode again
             pass
     recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size,
-                    max_new_tokens=config.task.max_new_tokens, desc=f"test {method}")
+                    max_new_tokens=config.task.max_new_tokens, desc=f"test {label or method}")
     if cache is not None and key["weights"]:
         write_text_atomic(cache, json.dumps({"key": key, "records": records_as_dicts(recs)}))
     return recs
@@ -294,12 +294,13 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
     """Retrain one rung once per variant, each from the recipe's own parent rung, and measure
     every variant and the reference rungs on the same test set in this run (batch-1 timing).
 
-    Variant runs live in runs/<recipe name>/<method>-<variant>/ and are reused once done."""
+    Variant runs live in runs/<recipe name>/<method>-<variant>/ and are reused once done;
+    each rung's test records are reused as the ladder reuses them (`evaluate_rung`)."""
     torch.manual_seed(0)
     base = load_config(ablation.recipe)
     runs_dir = Path(runs_root) / base.name
     splits = load_splits(base)
-    test, mnt = splits["test"], base.task.max_new_tokens
+    test = splits["test"]
     timing_set = test[: base.eval.timing_examples]
     references = dict.fromkeys(m for m in ("cot", *ablation.reference) if m != ablation.method)
     entries = [(m, m, base, None, ()) for m in references]
@@ -315,8 +316,8 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
     for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
         model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
         K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
-        with autocast(cfg):
-            recs = evaluate(model, test, K=K, route=route, batch_size=cfg.eval.batch_size, max_new_tokens=mnt, desc=f"test {label}")
+        with autocast(cfg):  # records kept in the rung's folder, as the ladder keeps them
+            recs = evaluate_rung(cfg, method, model, test, runs_dir / (run_name or method), label=label)
         runs[label] = (model, K, route)
         rows.append({**_row(method, recs), "method": label,
                      **_training_record(runs_dir / (run_name or method)), "overrides": list(overrides)})
@@ -324,7 +325,7 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
             which = "last" if cfg.latent.probe_results == "last" else "first"
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
     with autocast(base):  # batch-1 timing of every row, in interleaved rounds
-        ms = measure_latencies(runs, timing_set, max_new_tokens=mnt, rounds=base.eval.timing_rounds)
+        ms = measure_latencies(runs, timing_set, max_new_tokens=base.task.max_new_tokens, rounds=base.eval.timing_rounds)
     reference_ms = ms[rows[0]["method"]]  # CoT's, unless CoT itself is the ablated rung
     for r in rows:
         r["latency_ms"] = ms[r["method"]]
