@@ -314,13 +314,13 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         train_rung(base, method, splits, runs_dir)
     rows, runs = [], {}
     for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
+        run_dir = runs_dir / (run_name or method)
         model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
         K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
         with autocast(cfg):  # records kept in the rung's folder, as the ladder keeps them
-            recs = evaluate_rung(cfg, method, model, test, runs_dir / (run_name or method), label=label)
+            recs = evaluate_rung(cfg, method, model, test, run_dir, label=label)
         runs[label] = (model, K, route)
-        rows.append({**_row(method, recs), "method": label,
-                     **_training_record(runs_dir / (run_name or method)), "overrides": list(overrides)})
+        rows.append({**_row(method, recs), "method": label, **_training_record(run_dir), "overrides": list(overrides)})
         if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
             which = "last" if cfg.latent.probe_results == "last" else "first"
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)

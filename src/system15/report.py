@@ -101,9 +101,10 @@ def bars(rows: list[dict]) -> list[str]:
         bar(f"System-1.5 takes at least {SYSTEM15_FLOPS_REDUCTION:g}x fewer FLOPs per decoding step than stage 1",
             f"{s15['flops_reduction_vs_latent']:.2f}x", s15["flops_reduction_vs_latent"] >= SYSTEM15_FLOPS_REDUCTION - _ROUNDING)
     if s15 and "speedup_vs_cot" in s15:
-        others = "".join(f", batch {b}: {s15[f'speedup_vs_cot_b{b}']:.2f}x" for b in (8, 64) if f"speedup_vs_cot_b{b}" in s15)
+        others = [f"batch {b}: {s15[f'speedup_vs_cot_b{b}']:.2f}x" for b in (8, 64) if f"speedup_vs_cot_b{b}" in s15]
         bar(f"System-1.5 is at least {SYSTEM15_SPEEDUP_B1:g}x faster than CoT at batch 1",
-            f"{s15['speedup_vs_cot']:.2f}x ({others[2:] or 'batch 1 only'})", s15["speedup_vs_cot"] >= SYSTEM15_SPEEDUP_B1 - _ROUNDING)
+            f"{s15['speedup_vs_cot']:.2f}x ({', '.join(others) or 'batch 1 only'})",
+            s15["speedup_vs_cot"] >= SYSTEM15_SPEEDUP_B1 - _ROUNDING)
     if s15 and "skip_frac_critical" in s15:
         nc, c = s15["skip_frac_noncritical"], s15["skip_frac_critical"]
         bar("Non-critical steps skip more layers than critical ones", f"{nc:.1%} of their layers against {c:.1%}", nc > c)
@@ -114,7 +115,7 @@ def notes(summary: dict) -> list[str]:
     """What summary.md says below its table, as Markdown paragraphs: the bars (a ladder's
     run only), stage 1's alignment rules, the timing noise, System-1.5's batch-1 latency taken apart. The README
     quotes them (`sync_readme`), so it never carries a figure of an older run."""
-    out = []
+    out, by = [], {r["method"]: r for r in summary["rows"]}
     met = [] if "ablation" in summary else bars(summary["rows"])  # an ablation's rows are variants, not the ladder
     if met:
         out.append("Against the bars set for the default task:\n" + "\n".join(met))
@@ -122,16 +123,16 @@ def notes(summary: dict) -> list[str]:
         out.append("Stage-1 alignment rules (validation accuracy): " +
                    ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
                    f"; chosen: {summary['stage1_align'].get('chosen')}")
-    pause = next((r for r in summary["rows"] if r["method"] == "pause" and "speedup_vs_latent" in r), None)
-    if pause and any(r["method"] == "latent" for r in summary["rows"]):
+    pause = by.get("pause")
+    if pause and "speedup_vs_latent" in pause and "latent" in by:
         gauge = " / ".join(f"{pause[k]:.2f}x" for k in ("speedup_vs_latent", "speedup_vs_latent_b8", "speedup_vs_latent_b64")
                            if k in pause)
         out.append("Timing noise of this run: pause tokens and the latent path do nearly the same work, and their "
                    f"latency ratio is {gauge} at batch 1 / 8 / 64.")
-    s15 = next((r for r in summary["rows"] if r["method"] == "system15"), None)
-    own = [p for p in summary.get("sweep") or [] if s15 and p["K"] == summary["config"]["latent"]["K"]
+    s15, sweep = by.get("system15"), summary.get("sweep") or []
+    own = [p for p in sweep if p["K"] == summary["config"]["latent"]["K"]
            and p["lambda_depth"] == summary["config"]["shortcut"]["lambda_depth"]]
-    if own and "speedup_vs_cot" in own[0]:
+    if s15 and own and "speedup_vs_cot" in own[0]:
         out.append(f"The sweep times System-1.5's own setting again: {own[0]['speedup_vs_cot']:.2f}x faster than CoT at "
                    f"batch 1, against {s15['speedup_vs_cot']:.2f}x in the table.")
     parts = summary.get("system15_latency_parts")
