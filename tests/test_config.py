@@ -146,9 +146,12 @@ ABLATION = "name: levers\nrecipe: r.yaml\nmethod: latent\nvariants:\n"
     (ABLATION + "  ok: []\nvarints: {}\n", "varints: unknown key (did you mean 'variants'?)"),
     (ABLATION + "  fast: [stages.latent.lr=-1]\n", "variants.fast"),
     (ABLATION + "  fast: stages.latent.lr=1\n", "variants.fast: expected a list"),
-    (ABLATION + "  harder: [task.n_steps=5]\n", "variants.harder: variants may not change task"),
+    (ABLATION + "  harder: [task.n_steps=5]\n", "variants.harder: may not change task"),
     ("name: levers\nrecipe: r.yaml\nmethod: latentt\nvariants: {a: []}\n", "method: unknown method"),
     ("name: levers\nrecipe: r.yaml\nmethod: latent\n", "variants: missing"),
+    (ABLATION.replace("variants:", "base: [stages.latent.lr=-1]\nvariants:") + "  a: []\n", "a.yaml: base: "),
+    (ABLATION.replace("variants:", "base: stages.latent.lr=1\nvariants:") + "  a: []\n", "base: expected a list"),
+    (ABLATION.replace("variants:", "base: [task.n_steps=5]\nvariants:") + "  a: []\n", "base: may not change task"),
 ])
 def test_ablation_file_errors_name_the_file_and_key(tmp_path, text, named):
     (tmp_path / "r.yaml").write_text("name: r\n")
@@ -156,6 +159,16 @@ def test_ablation_file_errors_name_the_file_and_key(tmp_path, text, named):
     with pytest.raises(ConfigError) as err:
         load_ablation(tmp_path / "a.yaml")
     assert str(tmp_path / "a.yaml") in str(err.value) and named in str(err.value)
+
+
+def test_an_ablation_base_lies_under_every_variant(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: r\n")
+    (tmp_path / "a.yaml").write_text(ABLATION.replace("variants:", "base: [stages.latent.lr=0.002, latent.K=3]\nvariants:")
+                                     + "  as based: []\n  own K: [latent.K=4]\n")
+    ablation = load_ablation(tmp_path / "a.yaml")
+    based, own = ablation.config("as based"), ablation.config("own K")
+    assert based.stage("latent").lr == own.stage("latent").lr == 0.002
+    assert (based.latent.K, own.latent.K) == (3, 4)  # a variant's own override wins
 
 
 def test_shipped_ablation_files_load():

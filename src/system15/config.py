@@ -149,6 +149,8 @@ class TrainConfig:
     batch_size: int = _f(32, "examples per optimizer step, summed over processes")
     lr: float = _f(1e-3, "peak learning rate (AdamW, linear warm-up, cosine decay)")
     warmup: int = _f(100, "warm-up steps")
+    decay_by: str = _f("steps", "what the cosine decay spans: steps | budget (whichever of steps and max_minutes "
+                                "runs out first, so a run the clock stops still ends annealed)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
     eval_every: int = _f(500, "steps between validation runs and checkpoints")
@@ -162,6 +164,7 @@ class TrainConfig:
         _check(self.warmup >= 0 and self.grad_clip >= 0, "train", "warmup and grad_clip must be >= 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 (or null for no cap)")
+        _check(self.decay_by in ("steps", "budget"), "train.decay_by", f"must be steps or budget, got {self.decay_by!r}")
 
 
 @dataclass
@@ -351,9 +354,14 @@ class Ablation:
         recipe: demo.yaml            # relative to this file
         method: latent               # the rung every variant retrains, from the recipe's parent rung
         reference: [cot, nocot]      # rungs measured alongside (reused when already trained)
+        base: []                     # optional: overrides under every variant
         variants:
-          segment: []                # the recipe as it is
+          segment: []                # the recipe as it is (plus base)
           K=4: [latent.K=4]
+
+    `base` keeps an ablation's rows reproducible after the recipe moves on: it states the
+    recipe as it stood when the rows were trained, and each variant says how it differs
+    from that. Without a base, a variant's run is the ladder's own rung of the same name.
     """
 
     path: Path
@@ -362,10 +370,11 @@ class Ablation:
     method: str
     reference: tuple[str, ...]
     variants: dict[str, tuple[str, ...]]
+    base: tuple[str, ...] = ()
 
     def config(self, variant: str) -> RunConfig:
         try:
-            return load_config(self.recipe, list(self.variants[variant]))
+            return load_config(self.recipe, [*self.base, *self.variants[variant]])
         except ConfigError as e:
             raise ConfigError(f"{self.path}: variants.{variant}: {e}") from None
 
@@ -375,7 +384,7 @@ def load_ablation(path: str | Path) -> Ablation:
     path = Path(path)
     data = _read_yaml(path, "ablation file")
     _check(isinstance(data, dict), str(path), "expected a mapping with name, recipe, method, variants")
-    keys = {"name", "recipe", "method", "reference", "variants"}
+    keys = {"name", "recipe", "method", "reference", "base", "variants"}
     for key in data:
         if key not in keys:
             hint = difflib.get_close_matches(str(key), keys, n=1)
@@ -392,14 +401,22 @@ def load_ablation(path: str | Path) -> Ablation:
     variants = data["variants"]
     if not isinstance(variants, dict) or not variants:
         raise ConfigError(f"{path}: variants: expected a non-empty mapping of name -> list of key=value")
-    for name, overrides in variants.items():
+    lists = {f"variants.{name}": overrides for name, overrides in variants.items()}
+    if "base" in data:
+        lists = {"base": data["base"], **lists}
+    for key, overrides in lists.items():
         ok = isinstance(overrides, list) and all(isinstance(o, str) and "=" in o for o in overrides)
         if not ok:
-            raise ConfigError(f"{path}: variants.{name}: expected a list of key=value strings, got {overrides!r}")
+            raise ConfigError(f"{path}: {key}: expected a list of key=value strings, got {overrides!r}")
     ablation = Ablation(path, str(data["name"]), path.parent / str(data["recipe"]), data["method"], tuple(reference),
-                        {str(n): tuple(o) for n, o in variants.items()})
-    base = load_config(ablation.recipe)
-    for name in ablation.variants:
-        if ablation.config(name).task != base.task:
-            raise ConfigError(f"{path}: variants.{name}: variants may not change task.* (they share its splits and parent rungs)")
+                        {str(n): tuple(o) for n, o in variants.items()}, tuple(data.get("base") or ()))
+    recipe = load_config(ablation.recipe)
+    try:
+        based = load_config(ablation.recipe, list(ablation.base))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
+    shared = {"base": based, **{f"variants.{name}": ablation.config(name) for name in ablation.variants}}
+    for key, config in shared.items():
+        if config.task != recipe.task:
+            raise ConfigError(f"{path}: {key}: may not change task.* (every row shares the recipe's splits and parent rungs)")
     return ablation

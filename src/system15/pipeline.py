@@ -111,6 +111,14 @@ def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
     return model, {**scores, "chosen": chosen}
 
 
+def ladder_rung(config: RunConfig, method: str, splits, runs_dir: Path) -> ReasoningModel:
+    """A rung as the ladder trains it: stage 1 keeps the best of its alignment rules, which
+    need not be the rule the recipe names."""
+    if method == "latent":
+        return train_stage1(config, splits, runs_dir)[0]
+    return train_rung(config, method, splits, runs_dir)
+
+
 def _best_score(run_dir: Path) -> float:
     return float(_training_record(run_dir)["best_valid_accuracy"])
 
@@ -294,8 +302,10 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
     """Retrain one rung once per variant, each from the recipe's own parent rung, and measure
     every variant and the reference rungs on the same test set in this run (batch-1 timing).
 
-    Variant runs live in runs/<recipe name>/<method>-<variant>/ and are reused once done;
-    each rung's test records are reused as the ladder reuses them (`evaluate_rung`)."""
+    Variant runs live in runs/<recipe name>/<method>-<variant>/, beside the ladder's own
+    rungs, or with a `base` in runs/<recipe name>/<ablation name>/<method>-<variant>/ (its
+    rows are not the ladder's), and are reused once done; each rung's test records are
+    reused as the ladder reuses them (`evaluate_rung`)."""
     torch.manual_seed(0)
     base = load_config(ablation.recipe)
     runs_dir = Path(runs_root) / base.name
@@ -303,19 +313,21 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
     test = splits["test"]
     timing_set = test[: base.eval.timing_examples]
     references = dict.fromkeys(m for m in ("cot", *ablation.reference) if m != ablation.method)
+    folder = f"{ablation.name}/" if ablation.base else ""
     entries = [(m, m, base, None, ()) for m in references]
-    entries += [(f"{ablation.method}: {v}", ablation.method, ablation.config(v), f"{ablation.method}-{_slug(v)}", overrides)
-                for v, overrides in ablation.variants.items()]
+    entries += [(f"{ablation.method}: {v}", ablation.method, ablation.config(v), f"{folder}{ablation.method}-{_slug(v)}",
+                 overrides) for v, overrides in ablation.variants.items()]
     parent, chain = INIT_FROM[ablation.method], []
     while parent is not None:
         chain.insert(0, parent)
         parent = INIT_FROM[parent]
     for method in chain:  # the parent rungs every variant starts from
-        train_rung(base, method, splits, runs_dir)
+        ladder_rung(base, method, splits, runs_dir)
     rows, runs = [], {}
     for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
         run_dir = runs_dir / (run_name or method)
-        model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
+        model = train_rung(cfg, method, splits, runs_dir, run_name=run_name) if run_name else \
+            ladder_rung(cfg, method, splits, runs_dir)
         K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
         with autocast(cfg):  # records kept in the rung's folder, as the ladder keeps them
             recs = evaluate_rung(cfg, method, model, test, run_dir, label=label)

@@ -51,11 +51,15 @@ def git_revision() -> str:
         return "unknown"
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def learning_rate(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak, over the steps; with
+    `decay_by: budget` and a wall-clock cap, over whichever of the two runs out first (the
+    `seconds` trained so far against the cap), so a run the clock stops ends annealed too."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.decay_by == "budget" and cfg.max_minutes is not None:
+        progress = max(progress, seconds / (60 * cfg.max_minutes))
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -212,7 +216,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         accelerator.wait_for_everyone()
 
     def stop(what: str, value: float, step: int) -> NonFiniteLoss:
-        return NonFiniteLoss(f"{objective.name}: {what} is {value} at step {step + 1} (lr {learning_rate(cfg, step):.3g}); "
+        return NonFiniteLoss(f"{objective.name}: {what} is {value} at step {step + 1} (lr {learning_rate(cfg, step, state['seconds']):.3g}); "
                              f"stopped before its optimizer step; last good checkpoint: "
                              f"{latest_good(run_dir) or 'none'} (left untouched)")
 
@@ -224,7 +228,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     while step < cfg.steps:
         objective.on_step(step, cfg.steps)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = learning_rate(cfg, step, state["seconds"])
         idx = global_batch(len(train), step, cfg.batch_size, cfg.seed)
         share = len(idx) // world
         examples = [train[i] for i in idx[rank * share:(rank + 1) * share]]
@@ -242,12 +246,12 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         step += 1
         state["step"] = step
         state["seconds"] = time.perf_counter() - began
+        if world > 1:  # one clock for all: the learning rate and the stop must agree across processes
+            state["seconds"] = float(accelerator.reduce(torch.tensor(state["seconds"], device=accelerator.device), "max"))
         log({"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "grad_norm": norm, **metrics})
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.3f}")
         out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes
-        if world > 1:  # every process must stop at the same step
-            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "max"))
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             evaluate_and_checkpoint(step)
         if out_of_time:
