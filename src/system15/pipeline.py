@@ -326,8 +326,10 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
     rows, runs = [], {}
     for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
         run_dir = runs_dir / (run_name or method)
-        model = train_rung(cfg, method, splits, runs_dir, run_name=run_name) if run_name else \
-            ladder_rung(cfg, method, splits, runs_dir)
+        if run_name:  # a variant
+            model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
+        else:  # a reference rung, as the ladder trained it
+            model = ladder_rung(cfg, method, splits, runs_dir)
         K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
         with autocast(cfg):  # records kept in the rung's folder, as the ladder keeps them
             recs = evaluate_rung(cfg, method, model, test, run_dir, label=label)
