@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from system15.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT.parent / "shared" / "data"
+SCRIPTS = ROOT / "tests" / "scripts"  # helpers the tests import (tiny_run, ...) and launch as processes
+sys.path.insert(0, str(SCRIPTS))
 
 
 def tiny_pairs(family: str = "gpt2", **overrides) -> list[str]:

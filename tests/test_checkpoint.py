@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from system15.checkpoint import (MANIFEST, CheckpointError, checkpoints, latest_
                                  recover, save_training_state, verify, write_atomic, write_text_atomic)
 from system15.model import load_reasoning_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from tiny_run import tiny_config, tiny_setup  # noqa: E402
+from tiny_run import tiny_config, tiny_setup
 
 
 def truncate(path: Path) -> None:

@@ -24,9 +24,8 @@ from system15.checkpoint import checkpoints, verify
 from system15.distributed import gather, shard, shard_indices, shard_map
 from system15.train.loop import fit
 
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-from tiny_run import tiny_config, tiny_setup  # noqa: E402
+from conftest import SCRIPTS
+from tiny_run import tiny_config, tiny_setup
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
 TOLERANCE = 1e-5  # relative; observed ~2e-7 (gloo's all-reduce sums in another order than one batch)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ import system15
 from system15.checkpoint import checkpoints, verify
 from system15.train.loop import NonFiniteLoss, fit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-from tiny_run import Slow, tiny_config, tiny_setup  # noqa: E402
+from tiny_run import Slow, tiny_config, tiny_setup
 
 SRC = Path(system15.__file__).resolve().parent
 

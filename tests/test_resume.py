@@ -20,9 +20,8 @@ import torch
 from system15.checkpoint import verify
 from system15.train.loop import fit, global_batch
 
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-from tiny_run import tiny_config, tiny_setup  # noqa: E402
+from conftest import SCRIPTS
+from tiny_run import tiny_config, tiny_setup
 
 STEPS, EVERY = 40, 10
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +14,7 @@ from system15.config import ConfigError, TrainConfig
 from system15.train import loop
 from system15.train.loop import fit, learning_rate
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_run import tiny_config, tiny_setup  # noqa: E402
+from tiny_run import tiny_config, tiny_setup
 
 PEAK = 1e-3
 
