@@ -307,14 +307,14 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
     rows are not the ladder's), and are reused once done; each rung's test records are
     reused as the ladder reuses them (`evaluate_rung`)."""
     torch.manual_seed(0)
-    base = load_config(ablation.recipe)
-    runs_dir = Path(runs_root) / base.name
-    splits = load_splits(base)
+    recipe = load_config(ablation.recipe)
+    runs_dir = Path(runs_root) / recipe.name
+    splits = load_splits(recipe)
     test = splits["test"]
-    timing_set = test[: base.eval.timing_examples]
+    timing_set = test[: recipe.eval.timing_examples]
     references = dict.fromkeys(m for m in ("cot", *ablation.reference) if m != ablation.method)
     folder = f"{ablation.name}/" if ablation.base else ""
-    entries = [(m, m, base, None, ()) for m in references]
+    entries = [(m, m, recipe, None, ()) for m in references]
     entries += [(f"{ablation.method}: {v}", ablation.method, ablation.config(v), f"{folder}{ablation.method}-{_slug(v)}",
                  overrides) for v, overrides in ablation.variants.items()]
     parent, chain = INIT_FROM[ablation.method], []
@@ -322,7 +322,7 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         chain.insert(0, parent)
         parent = INIT_FROM[parent]
     for method in chain:  # the parent rungs every variant starts from
-        ladder_rung(base, method, splits, runs_dir)
+        ladder_rung(recipe, method, splits, runs_dir)
     rows, runs = [], {}
     for label, method, cfg, run_name, overrides in tqdm(entries, desc="ablation", leave=True):
         run_dir = runs_dir / (run_name or method)
@@ -338,15 +338,15 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
             which = "last" if cfg.latent.probe_results == "last" else "first"
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
-    with autocast(base):  # batch-1 timing of every row, in interleaved rounds
-        ms = measure_latencies(runs, timing_set, max_new_tokens=base.task.max_new_tokens, rounds=base.eval.timing_rounds)
+    with autocast(recipe):  # batch-1 timing of every row, in interleaved rounds
+        ms = measure_latencies(runs, timing_set, max_new_tokens=recipe.task.max_new_tokens, rounds=recipe.eval.timing_rounds)
     reference_ms = ms[rows[0]["method"]]  # CoT's, unless CoT itself is the ablated rung
     for r in rows:
         r["latency_ms"] = ms[r["method"]]
         r["speedup_vs_cot"] = reference_ms / r["latency_ms"]
-    summary = {"task": base.task.name, "backbone": _backbone_name(base), "device": device_name(), "command": command,
+    summary = {"task": recipe.task.name, "backbone": _backbone_name(recipe), "device": device_name(), "command": command,
                "ablation": str(ablation.path), "rows": rows, "test_examples": len(test),
-               "timing_examples": len(timing_set), "config": base.to_dict()}
+               "timing_examples": len(timing_set), "config": recipe.to_dict()}
     write_summary(Path(results_root) / ablation.name, summary)
     return summary
 
