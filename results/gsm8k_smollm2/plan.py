@@ -20,7 +20,7 @@ from system15.runtime import accelerator_for, device_for
 from system15.train import objective_for
 from system15.train.loop import fit
 
-SECONDS = {"cot": 200, "nocot": 50, "pause": 50, "coconut": 100, "latent": 200, "system15": 100}  # ~12 of the ~19 minutes
+SECONDS = {"cot": 180, "nocot": 40, "pause": 40, "coconut": 80, "latent": 180, "system15": 80}  # 10 of the ~19 minutes
 TIMED_AS = {"cot": "cot", "nocot": "cot", "pause": "cot", "coconut": "latent", "latent": "latent", "system15": "system15"}
 MAX_EPOCHS = 8
 RESOLUTION = 0.1  # fit's summary rounds its seconds to this: tiny models' 4 steps can read 0
@@ -45,5 +45,6 @@ for method, budget in SECONDS.items():
     overrides += [f"stages.{method}.steps={steps}", f"stages.{method}.warmup={steps // 20}",
                   f"stages.{method}.eval_every={max(1, steps // 2)}"]
     if method != "coconut":  # a capped Coconut would stop before its curriculum ends
-        overrides.append(f"stages.{method}.max_minutes={1.4 * budget / 60:.2f}")
+        # decay_by=budget: a rung the clock stops still ends with its learning rate annealed
+        overrides += [f"stages.{method}.max_minutes={1.25 * budget / 60:.2f}", f"stages.{method}.decay_by=budget"]
 print(" ".join(overrides))
