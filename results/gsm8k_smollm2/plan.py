@@ -1,9 +1,16 @@
 """Fit the GSM8K ladder into one GPU lease (30 device-minutes, of which ~19 for the ladder).
 
-Times steady training steps of the three objectives whose cost differs (CoT-SFT, stage-1
-latent, stage-2 System-1.5) on the real backbone, then prints the `stages.<m>.*` overrides
-that give each rung its share of the wall-clock budget (capped at MAX_EPOCHS passes over
-the training set). run.sh hands them to `system15 bench`; summary.json records them.
+Times training steps of the three objectives whose cost differs (CoT-SFT, stage-1 latent,
+stage-2 System-1.5) on the real backbone, then prints the `stages.<m>.*` overrides that give
+each rung its share of the wall-clock budget. run.sh hands them to `system15 bench`;
+summary.json records them.
+
+The clock, not the estimate, ends a rung: on the 2026-11-24 lease this short timing read CoT
+at 1.40 s a step where the ladder ran 0.70 s, and CoT stopped at half its budget. So every
+rung but Coconut gets `max_minutes` = its budget with `decay_by=budget` (the learning rate
+anneals over the clock), and twice the estimated steps (at most MAX_EPOCHS passes over the
+training set). The estimate still spaces warm-up and validation, and sets Coconut's steps: a
+capped Coconut would stop before its curriculum ends.
 
     python results/gsm8k_smollm2/plan.py configs/gsm8k_smollm2.yaml
 """
@@ -41,10 +48,12 @@ overrides = []
 for method, budget in SECONDS.items():
     stage = config.stage(method)
     epoch = len(splits["train"]) / stage.batch_size
-    steps = max(20, min(int(budget / step_seconds[TIMED_AS[method]]), int(MAX_EPOCHS * epoch)))
-    overrides += [f"stages.{method}.steps={steps}", f"stages.{method}.warmup={steps // 20}",
-                  f"stages.{method}.eval_every={max(1, steps // 2)}"]
-    if method != "coconut":  # a capped Coconut would stop before its curriculum ends
-        # decay_by=budget: a rung the clock stops still ends with its learning rate annealed
-        overrides += [f"stages.{method}.max_minutes={1.25 * budget / 60:.2f}", f"stages.{method}.decay_by=budget"]
+    cap = int(MAX_EPOCHS * epoch)
+    estimate = max(20, min(int(budget / step_seconds[TIMED_AS[method]]), cap))
+    capped = method != "coconut"
+    steps = max(estimate, min(2 * estimate, cap)) if capped else estimate
+    overrides += [f"stages.{method}.steps={steps}", f"stages.{method}.warmup={estimate // 20}",
+                  f"stages.{method}.eval_every={max(1, estimate // 2)}"]
+    if capped:
+        overrides += [f"stages.{method}.max_minutes={budget / 60:.2f}", f"stages.{method}.decay_by=budget"]
 print(" ".join(overrides))

