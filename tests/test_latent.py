@@ -240,3 +240,48 @@ def test_the_student_starting_from_the_teachers_prompt_pass_is_exact(examples, f
     assert len(shared[2]) == len(own[2])
     for a, b in zip(shared[2], own[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_inputs_start_later_steps_from_the_teachers_segment_end(examples):
+    """latent.teacher_inputs = 1: step 2 reads P(teacher's last-layer state at the end of segment
+    1), not P(step 1's own state); step 1 and examples with an empty segment 1 are untouched;
+    no gradient reaches the teacher's pass through the forced input; 0 changes nothing."""
+    from system15.backbone import KVCache
+    from system15.train.objective import prompt_prefix, sequence_forward
+    from system15.train.stage1 import teacher_inputs
+
+    model = tiny_model(examples)
+    batch = LatentDistillation(tiny_config()).collate(model, encoded(model, examples[:6]))
+    seg = batch["segment_pos"].clone()
+    seg[0, 0] = -1  # example 0: as if its first segment were empty
+    seen = []
+    model.projection.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+
+    def run(chance):
+        seen.clear()
+        cache = KVCache.empty(model.num_layers)
+        _, t_final, _ = sequence_forward(model, batch["teacher"], cache=cache)
+        forced = teacher_inputs(t_final, seg, 2, chance)
+        out = thought_forward(model, batch["student"], 2, start=prompt_prefix(cache, t_final, batch["prompt_len"]),
+                              forced=forced)
+        return t_final, out, [s for s in seen[-2:]]
+
+    with torch.no_grad():
+        _, own, (own1, own2) = run(0.0)
+        t_final, forced, (in1, in2) = run(1.0)
+    rows = torch.arange(len(seg))
+    teacher_end = t_final[rows, seg[:, 0].clamp(min=0)]
+    torch.testing.assert_close(in1, own1)  # step 1 still starts from the prompt
+    torch.testing.assert_close(in2[1:], teacher_end[1:])  # step 2 from the teacher's segment end
+    torch.testing.assert_close(in2[0], own2[0])  # an empty segment keeps its own state
+    torch.testing.assert_close(own2, own.thoughts[0].hidden)  # (chance 0: the usual chain)
+    assert not torch.allclose(in2[1:], own2[1:])
+    assert not torch.allclose(forced.nll, own.nll)
+    assert all(not f[1].requires_grad for f in teacher_inputs(t_final.requires_grad_(), seg, 2, 1.0)[1:])
+
+
+def test_teacher_inputs_must_be_a_chance():
+    from system15.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="latent.teacher_inputs"):
+        load_config(None, ["latent.teacher_inputs=1.5"])

@@ -96,13 +96,17 @@ class ThoughtPass:
     forks: list                       # (cache branch, next positions) after each thought step
 
 
-def thoughts_after_prompt(model, prefilled: tuple, K: int):
+def thoughts_after_prompt(model, prefilled: tuple, K: int, forced: list | None = None):
     """K thought steps (full path) after a prompt prefill (`engine.prefill`, or `prompt_prefix`).
     Returns the cache, the next position ids, each step's StepResult, and a cache branch (with
-    its next positions) after each step."""
+    its next positions) after each step. `forced[k]`, if given and not None, is (rows [B] bool,
+    states [B, d]): those rows start step k from the given state instead of step k-1's own."""
     cache, last, prev, positions = prefilled
     thoughts, forks = [], []
     for k in range(K):
+        if forced is not None and forced[k] is not None:
+            rows, states = forced[k]
+            last = torch.where(rows[:, None], states.to(last.dtype), last)
         res = decode_step(model, model.thought_input(k, last), positions, cache, prev)
         last, prev, positions = res.hidden, res.layers, positions + 1
         thoughts.append(res)
@@ -110,11 +114,12 @@ def thoughts_after_prompt(model, prefilled: tuple, K: int):
     return cache, positions, thoughts, forks
 
 
-def thought_forward(model, batch: dict, K: int, keep_layers: bool = False, start: tuple | None = None) -> ThoughtPass:
-    """Prompt prefill (or `start`, a prefill already made), K thought steps (full path), then
-    the tail by teacher forcing."""
+def thought_forward(model, batch: dict, K: int, keep_layers: bool = False, start: tuple | None = None,
+                    forced: list | None = None) -> ThoughtPass:
+    """Prompt prefill (or `start`, a prefill already made), K thought steps (full path;
+    `forced` as in `thoughts_after_prompt`), then the tail by teacher forcing."""
     prefilled = start if start is not None else prefill(model, batch["ids"], batch["visible"])
-    cache, positions, thoughts, forks = thoughts_after_prompt(model, prefilled, K)
+    cache, positions, thoughts, forks = thoughts_after_prompt(model, prefilled, K, forced)
     final, states = teacher_force(model, cache, positions, batch["tail"], batch["tail_visible"], keep_layers)
     return ThoughtPass(example_nll(model.backbone.head(final), batch["labels"]), thoughts, final, states, forks)
 

@@ -38,13 +38,13 @@ class LatentDistillation(Objective):
     name = "latent"
     thought = "latent"
     settings = ("latent.K", "latent.alpha", "latent.align", "latent.align_scale", "latent.probe", "latent.probe_results",
-                "latent.warm_start", "latent.projection_hidden")
+                "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden")
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
         self.scale = config.latent.align_scale
         self.probe, self.probe_last = config.latent.probe, config.latent.probe_results == "last"
-        self.warm_start = config.latent.warm_start
+        self.warm_start, self.teacher_inputs = config.latent.warm_start, config.latent.teacher_inputs
         self.active = self.K  # latent steps in use; fewer during the warm start
 
     def eval_K(self, config):
@@ -107,7 +107,8 @@ class LatentDistillation(Objective):
         t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=self.rule != "segment",
                                                     cache=teacher_cache)
         start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
-        student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start)
+        forced = teacher_inputs(t_final, batch["segment_pos"], batch["K"], self.teacher_inputs) if self.teacher_inputs else None
+        student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start, forced=forced)
         if codi:
             align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"],
                                    scale=self.scale)
@@ -124,6 +125,21 @@ class LatentDistillation(Objective):
             loss = loss + self.probe * probe
             metrics["probe_nll"] = probe.item()
         return loss, metrics
+
+
+def teacher_inputs(t_final: torch.Tensor, segment_pos: torch.Tensor, K: int, chance: float) -> list:
+    """Latent teacher forcing (latent.teacher_inputs): each example's step k > 1 starts, with
+    probability `chance`, from the teacher's last-layer state (stop-gradient) at the end of
+    segment k-1, the state step k-1 is aligned to, instead of from step k-1's own output. Step
+    k then learns its own segment from a clean start; decoding always chains its own states.
+    Examples whose segment k-1 is empty keep their own state. `forced` for `thought_forward`."""
+    forced = [None]
+    rows = torch.arange(len(segment_pos), device=segment_pos.device)
+    for k in range(1, K):
+        pos = segment_pos[:, k - 1]
+        drawn = torch.rand(len(pos), device=pos.device) < chance
+        forced.append((drawn & (pos >= 0), t_final[rows, pos.clamp(min=0)].detach()))
+    return forced
 
 
 def probe_nll(model, forks, probes) -> torch.Tensor:
