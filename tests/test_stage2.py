@@ -51,3 +51,44 @@ def test_tail_in_one_pass_per_layer_equals_stepping_it(examples, family, K, rout
         assert fast[2].shape == (5, K + batch["tail"].shape[1], model.num_layers)
     else:
         assert fast[2] is None and slow[2] is None
+
+
+def test_std_scaled_error_does_not_grow_with_the_backbones_activations():
+    """shortcut.mse_scale=std: the stage-2 error is the same for states 100x larger (a
+    pretrained backbone's, say), where method.md's plain error grows 10^4x; it is the plain
+    error over the full path's variance at each layer, taken over the valid steps only."""
+    from system15.train.stage2 import layer_mse
+
+    torch.manual_seed(0)
+    full = [torch.randn(3, 5, 8) * s for s in (1.0, 4.0)]
+    mix = [f + 0.1 * torch.randn_like(f) for f in full]
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[0, 3:] = False
+    full[1][0, 3:] = 1e3  # padding: must not move the scale
+    plain, scaled = layer_mse(mix, full, valid, "none"), layer_mse(mix, full, valid, "std")
+    big = layer_mse([m * 100 for m in mix], [f * 100 for f in full], valid, "std")
+    torch.testing.assert_close(big, scaled)
+    torch.testing.assert_close(layer_mse([m * 100 for m in mix], [f * 100 for f in full], valid, "none"), plain * 1e4, rtol=1e-4, atol=0)
+    for layer in range(2):
+        torch.testing.assert_close(scaled[..., layer], plain[..., layer] / full[layer][valid].var())
+
+
+def test_std_scaled_error_trains_and_a_bad_scale_is_refused(examples):
+    from system15.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="shortcut.mse_scale"):
+        load_config(None, ["shortcut.mse_scale=max"])
+    model = tiny_model(examples)
+    losses = {}
+    for scale in ("none", "std"):
+        config = tiny_config()
+        config.shortcut.mse_scale = scale
+        obj = ShortcutDistillation(config)
+        obj.prepare(model)
+        torch.manual_seed(0)
+        loss, metrics = obj.loss(model, obj.collate(model, [encode(model.tokenizer, e) for e in examples[:4]]))
+        loss.backward()
+        assert all(p.grad is not None for p in model.shortcuts.parameters() if p.requires_grad)
+        model.zero_grad()
+        losses[scale] = metrics["mse"]
+    assert losses["std"] != losses["none"]

@@ -133,12 +133,14 @@ class ShortcutConfig:
     router_hidden: int = _f(32, "hidden width of each router MLP")
     beta: float = _f(1.0, "stage 2: weight of the answer NLL on the mixed path")
     mu: float = _f(0.05, "stage 2: weight of the compute cost")
+    mse_scale: str = _f("none", "stage 2: none (method.md's plain squared error) | std (each layer's difference divided by the full path's std at that layer, as CODI's alignment: the error, and so mu, no longer scale with the backbone's activations)")
     cost_noncritical: float = _f(1.0, "e at layer 1 for non-critical steps; grows linearly to 2x at layer L")
     cost_critical: float = _f(0.1, "e at layer 1 for critical steps; shrinks linearly to 0.5x at layer L")
 
     def __post_init__(self):
         _in_unit(self.lambda_depth, "shortcut.lambda_depth")
         _check(self.kv_policy in ("fill", "skip"), "shortcut.kv_policy", f"unknown policy {self.kv_policy!r}")
+        _check(self.mse_scale in ("none", "std"), "shortcut.mse_scale", f"must be none or std, got {self.mse_scale!r}")
         _check(self.adapter_dim >= 1 and self.router_hidden >= 1, "shortcut", "adapter_dim and router_hidden must be >= 1")
         for key in ("beta", "mu", "cost_noncritical", "cost_critical"):
             _check(getattr(self, key) >= 0, f"shortcut.{key}", "must be >= 0")

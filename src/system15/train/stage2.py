@@ -5,9 +5,15 @@ latent steps, then the answer tokens by teacher forcing) runs twice from the sam
 once on the frozen full path (the targets) and once with the soft mix. The latent steps go
 one at a time; the answer tokens go through each layer together (`tail_pass`). Loss:
 
-    L2 = sum_{l,t} ||h^mix_{l,t} - sg(h^full_{l,t})||^2       (mean over width and batch)
+    L2 = sum_{l,t} ||h^mix_{l,t} - sg(h^full_{l,t})||^2 / s_l^2   (mean over width and batch)
          + beta * NLL(answer | mixed path)
-         + mu * sum_{l,t} e_{l,t} * (1 - w_{l,t})              (compute cost)
+         + mu * sum_{l,t} e_{l,t} * (1 - w_{l,t})                    (compute cost)
+
+with s_l = 1 (shortcut.mse_scale "none", method.md's formula) or the std of the full path's
+states at layer l over the batch's steps (stop-gradient; "std"). A pretrained backbone's
+states are far larger than a small one's (SmolLM2-135M's squared error started near 1000 on
+the 2026-11-24 lease, the demo's ends near 1), so with "none" the same mu weighs the cost
+hundreds of times less there; "std" makes the error, and so mu, independent of that scale.
 
 with e_{l,t} from `shortcuts.compute_cost_weights`: high and growing with depth for
 non-critical steps, low and shrinking with depth for critical ones.
@@ -64,14 +70,26 @@ class ShortcutDistillation(Objective):
         labels = batch["labels"]
         thoughts = torch.ones(labels.shape[0], self.K, dtype=torch.bool, device=labels.device)
         step_valid = torch.cat([thoughts, batch["tail_visible"]], dim=1)  # [B, K + T_tail]
-        mse = torch.stack([(m - f).pow(2).mean(-1) for m, f in zip(mix_layers, full_layers)], -1)  # [B, T, L]
-        mse = (mse.sum(-1) * step_valid).sum(1).mean()
+        mse = (layer_mse(mix_layers, full_layers, step_valid, self.sc.mse_scale).sum(-1) * step_valid).sum(1).mean()
         nll = example_nll(logits, labels)
         e = compute_cost_weights(batch["critical"], model.num_layers, self.sc.cost_noncritical, self.sc.cost_critical)
         cost = ((e * (1 - weights)).sum(-1) * step_valid).sum(1).mean()
         loss = mse + self.sc.beta * nll + self.sc.mu * cost
         w_mean = (weights.mean(-1) * step_valid).sum() / step_valid.sum()
         return loss, {"mse": mse.item(), "nll": nll.item(), "cost": cost.item(), "w": w_mean.item()}
+
+
+def layer_mse(mix_layers, full_layers, step_valid: torch.Tensor, scale: str) -> torch.Tensor:
+    """Squared error per example, step and layer [B, T, L] (mean over width), each layer's
+    difference divided by the full path's std at that layer over the valid steps when `scale`
+    is "std" (see the module's L2)."""
+    out = []
+    for mix, full in zip(mix_layers, full_layers):
+        diff = mix - full
+        if scale == "std":
+            diff = diff / full[step_valid].std().clamp(min=1e-6)
+        out.append(diff.pow(2).mean(-1))
+    return torch.stack(out, -1)
 
 
 def run_steps(model, start, batch, K: int, route: Route | None):
