@@ -258,3 +258,19 @@ def test_the_latent_rung_follows_the_rule_chosen_on_validation(ladder, tmp_path)
     shutil.copytree(runs / f"latent-{other}", runs / "latent", ignore=shutil.ignore_patterns("checkpoints"))
     train_stage1(config, load_splits(config), runs)
     assert weights_digest(runs / "latent" / "best") == weights_digest(runs / f"latent-{chosen}" / "best")
+
+
+def test_the_sweep_can_decode_the_start_of_the_test_set_only(ladder, monkeypatch):
+    """eval.sweep_examples: each sweep point decodes that many test examples (a GPU lease's
+    minutes go to training instead); 0 keeps the whole test set."""
+    root, config, _ = ladder
+    splits = load_splits(config)
+    model = load_reasoning_model(root / "runs" / "tiny" / "system15" / "best", config)
+    seen = []
+    decode = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda m, examples, **kw: seen.append(list(examples)) or decode(m, examples, **kw))
+    for n, expected in ((5, splits["test"][:5]), (0, splits["test"])):
+        seen.clear()
+        cfg = dataclasses.replace(config, eval=dataclasses.replace(config.eval, sweep_examples=n))
+        points = pipeline.sweep(cfg, model, None, splits)
+        assert seen == [expected] * len(points) and {p["examples"] for p in points} == {len(expected)}

@@ -179,6 +179,7 @@ class EvalConfig:
     timing_rounds: int = _f(3, "timing rounds, methods interleaved batch by batch; each batch keeps its best round")
     sweep_depth: list = _f([0.3, 0.5, 0.7, 0.9], "lambda_depth values for the threshold sweep")
     sweep_step: list = _f([1, 2, 3], "K (lambda_step) values for the threshold sweep")
+    sweep_examples: int = _f(0, "test examples each sweep point decodes, from the start of the test set (0 = all; the table always uses all)")
 
     def __post_init__(self):
         _check(self.batch_size >= 1 and self.timing_examples >= 1, "eval", "sizes must be >= 1")
@@ -189,6 +190,7 @@ class EvalConfig:
         for value in self.sweep_depth:
             _in_unit(value, "eval.sweep_depth")
         _check(all(k >= 0 for k in self.sweep_step), "eval.sweep_step", "K must be >= 0")
+        _check(self.sweep_examples >= 0, "eval.sweep_examples", f"must be >= 0 (0 = the whole test set), got {self.sweep_examples}")
 
 
 @dataclass

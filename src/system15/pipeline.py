@@ -219,9 +219,9 @@ def explain_latency(model: ReasoningModel, example: Example, row: dict, cot_row:
 
 
 def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, splits) -> list[dict]:
-    """lambda_depth x K grid: accuracy on the test set and batch-1 speedup against CoT, every
-    point and CoT timed in the same interleaved rounds."""
-    test = splits["test"]
+    """lambda_depth x K grid: accuracy on the test set (its first `eval.sweep_examples`, if set)
+    and batch-1 speedup against CoT, every point and CoT timed in the same interleaved rounds."""
+    test = splits["test"][: config.eval.sweep_examples or None]
     mnt = config.task.max_new_tokens
     points, runs = [], {}
     grid = [(d, k) for k in config.eval.sweep_step for d in config.eval.sweep_depth]
@@ -229,7 +229,8 @@ def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, 
         route = route_for("system15", config, depth)
         s = summarize(evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size, max_new_tokens=mnt))
         runs[(depth, K)] = (model, K, route)
-        points.append({"lambda_depth": depth, "K": K, "accuracy": s["accuracy"], "flops_per_step": s["flops_per_step"],
+        points.append({"lambda_depth": depth, "K": K, "examples": len(test), "accuracy": s["accuracy"],
+                       "flops_per_step": s["flops_per_step"],
                        "skip_frac_critical": s["skip_frac_critical"], "skip_frac_noncritical": s["skip_frac_noncritical"]})
     if cot is not None:
         runs["cot"] = (cot, None, FULL)
