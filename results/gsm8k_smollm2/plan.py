@@ -1,4 +1,4 @@
-"""Fit the GSM8K ladder into one GPU lease (30 device-minutes, of which ~19 for the ladder).
+"""Fit the GSM8K ladder into one GPU lease (30 device-minutes, of which ~20 for the ladder).
 
 Times training steps of the three objectives whose cost differs (CoT-SFT, stage-1 latent,
 stage-2 System-1.5) on the real backbone, then prints the `stages.<m>.*` overrides that give
@@ -27,7 +27,7 @@ from system15.runtime import accelerator_for, device_for
 from system15.train import objective_for
 from system15.train.loop import fit
 
-SECONDS = {"cot": 180, "nocot": 40, "pause": 40, "coconut": 80, "latent": 180, "system15": 80}  # 10 of the ~19 minutes
+SECONDS = {"cot": 180, "nocot": 40, "pause": 40, "coconut": 80, "latent": 180, "system15": 80}  # 10 of the ~20 minutes
 TIMED_AS = {"cot": "cot", "nocot": "cot", "pause": "cot", "coconut": "latent", "latent": "latent", "system15": "system15"}
 MAX_EPOCHS = 8
 RESOLUTION = 0.1  # fit's summary rounds its seconds to this: tiny models' 4 steps can read 0
