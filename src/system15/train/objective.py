@@ -56,6 +56,12 @@ def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
+def layer_std(states: torch.Tensor) -> torch.Tensor:
+    """One standard deviation over a layer's states (stop-gradient), floored: what the
+    normalised losses (stage 1's CODI-style alignment, stage 2's scaled error) divide by."""
+    return states.detach().std().clamp(min=1e-6)
+
+
 def sequence_forward(model, batch: dict, keep_layers: bool = False, cache: KVCache | None = None):
     """Teacher forcing over right-padded sequences (ids, visible, labels); writes `cache` when given."""
     bb = model.backbone

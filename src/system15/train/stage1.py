@@ -30,7 +30,7 @@ import torch
 from ..backbone import KVCache
 from ..engine import prefill
 from ..layout import Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
-from .objective import (Objective, example_nll, prompt_prefix, sequence_forward, teacher_force, thought_batch,
+from .objective import (Objective, example_nll, layer_std, prompt_prefix, sequence_forward, teacher_force, thought_batch,
                         thought_forward, thoughts_after_prompt)
 
 
@@ -191,7 +191,7 @@ def _mse(student: torch.Tensor, target: torch.Tensor, normalise: str | None) -> 
     target = target.detach()
     scale = 1.0
     if normalise is not None:
-        scale = target.std().clamp(min=1e-6)
+        scale = layer_std(target)
         if normalise == "dim":
             scale = target.std(dim=0, keepdim=True).clamp(min=0.1 * scale) if len(target) > 1 else scale
     return ((student - target) / scale).pow(2).mean()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..engine import Route, decode_step, prefill
 from ..layout import answer_critical, thought_critical
 from ..shortcuts import compute_cost_weights
-from .objective import Objective, example_nll, teacher_force, thought_batch
+from .objective import Objective, example_nll, layer_std, teacher_force, thought_batch
 
 SOFT = Route(mode="soft")
 
@@ -87,7 +87,7 @@ def layer_mse(mix_layers, full_layers, step_valid: torch.Tensor, scale: str) -> 
     for mix, full in zip(mix_layers, full_layers):
         diff = mix - full
         if scale == "std":
-            diff = diff / full[step_valid].std().clamp(min=1e-6)
+            diff = diff / layer_std(full[step_valid])
         out.append(diff.pow(2).mean(-1))
     return torch.stack(out, -1)
 
