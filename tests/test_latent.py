@@ -285,3 +285,38 @@ def test_teacher_inputs_must_be_a_chance():
 
     with pytest.raises(ConfigError, match="latent.teacher_inputs"):
         load_config(None, ["latent.teacher_inputs=1.5"])
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_projection_lr_scales_P_steps_only(examples, tmp_path, scale):
+    """latent.projection_lr: one training step moves P `scale` times as far as at 1 (Adam's
+    first step is lr per weight, whatever the gradient), and the backbone as far as ever; at 1
+    the optimizer keeps the single group every method has."""
+    from system15.layout import encode as enc
+    from system15.train.loop import fit
+
+    moved = {}
+    for s in (1.0, scale):
+        config = tiny_config(**{"latent.probe": 1.0, "latent.projection_lr": s, "stages.latent.steps": 1,
+                                "stages.latent.warmup": 1, "stages.latent.weight_decay": 0.0})
+        objective = LatentDistillation(config)
+        model = tiny_model(examples, **{"latent.projection_lr": s})
+        objective.prepare(model)
+        assert len(objective.param_groups(model)) == (1 if s == 1 else 2)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        fit(model, objective, [enc(model.tokenizer, e) for e in examples], config.stage("latent"), tmp_path / f"run{s}",
+            quiet=True)
+        step = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+        moved[s] = (max(v for n, v in step.items() if n.startswith("projection.")),
+                    max(v for n, v in step.items() if not n.startswith("projection.")))
+    lr = tiny_config().stage("latent").lr
+    assert moved[scale][0] == pytest.approx(scale * lr, rel=0.05)
+    assert moved[1.0][0] == pytest.approx(lr, rel=0.05)
+    assert moved[scale][1] == pytest.approx(moved[1.0][1], rel=1e-4)
+
+
+def test_projection_lr_must_be_positive():
+    from system15.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="latent.projection_lr"):
+        load_config(None, ["latent.projection_lr=0"])

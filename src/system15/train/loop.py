@@ -171,8 +171,9 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         raise ValueError(f"train.batch_size={cfg.batch_size} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
     objective.prepare(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = objective.param_groups(model)
+    params = [p for group in groups for p in group["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     wrapped, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
     state = {"step": 0, "best": -1.0, "best_step": -1, "seconds": 0.0}
@@ -228,7 +229,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     while step < cfg.steps:
         objective.on_step(step, cfg.steps)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step, state["seconds"])
+            group["lr"] = learning_rate(cfg, step, state["seconds"]) * group["lr_scale"]
         idx = global_batch(len(train), step, cfg.batch_size, cfg.seed)
         share = len(idx) // world
         examples = [train[i] for i in idx[rank * share:(rank + 1) * share]]

@@ -34,6 +34,11 @@ class Objective:
         if model.shortcuts is not None:
             model.shortcuts.requires_grad_(False)
 
+    def param_groups(self, model) -> list[dict]:
+        """The optimizer's parameter groups (after `prepare`); a group's "lr_scale"
+        multiplies the stage's learning rate (default: one group, every trainable parameter)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
     def on_step(self, step: int, total: int) -> None:
         """Hook for curricula (Coconut)."""
 

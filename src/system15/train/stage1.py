@@ -38,17 +38,28 @@ class LatentDistillation(Objective):
     name = "latent"
     thought = "latent"
     settings = ("latent.K", "latent.alpha", "latent.align", "latent.align_scale", "latent.probe", "latent.probe_results",
-                "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden")
+                "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden", "latent.projection_lr")
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
         self.scale = config.latent.align_scale
         self.probe, self.probe_last = config.latent.probe, config.latent.probe_results == "last"
         self.warm_start, self.teacher_inputs = config.latent.warm_start, config.latent.teacher_inputs
+        self.projection_lr = config.latent.projection_lr
         self.active = self.K  # latent steps in use; fewer during the warm start
 
     def eval_K(self, config):
         return self.K
+
+    def param_groups(self, model):
+        """P at `latent.projection_lr` times the stage's rate: it starts from random weights,
+        the backbone from CoT-SFT's. At 1, the one group every method has."""
+        if self.projection_lr == 1:
+            return super().param_groups(model)
+        own = {id(p) for p in model.projection.parameters()}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+        return [{"params": rest, "lr_scale": 1.0},
+                {"params": [p for p in model.projection.parameters() if p.requires_grad], "lr_scale": self.projection_lr}]
 
     def _active_at(self, step: int, total: int) -> int:
         """Warm start (Coconut-style): over the first `warm_start` of training, latent steps
