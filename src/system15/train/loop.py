@@ -173,7 +173,10 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     objective.prepare(model)
     groups = objective.param_groups(model)
     params = [p for group in groups for p in group["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # each group's rate multiplier stays with the objective, not in the optimizer's groups, which
+    # a resumed run takes from its checkpoint (one saved before groups had multipliers has none)
+    lr_scales = [group["lr_scale"] for group in groups]
+    opt = torch.optim.AdamW([{"params": group["params"]} for group in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
     wrapped, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
     state = {"step": 0, "best": -1.0, "best_step": -1, "seconds": 0.0}
@@ -228,8 +231,8 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     step = state["step"]
     while step < cfg.steps:
         objective.on_step(step, cfg.steps)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step, state["seconds"]) * group["lr_scale"]
+        for group, scale in zip(opt.param_groups, lr_scales):
+            group["lr"] = learning_rate(cfg, step, state["seconds"]) * scale
         idx = global_batch(len(train), step, cfg.batch_size, cfg.seed)
         share = len(idx) // world
         examples = [train[i] for i in idx[rank * share:(rank + 1) * share]]

@@ -56,10 +56,10 @@ class LatentDistillation(Objective):
         the backbone from CoT-SFT's. At 1, the one group every method has."""
         if self.projection_lr == 1:
             return super().param_groups(model)
+        trainable = super().param_groups(model)[0]["params"]
         own = {id(p) for p in model.projection.parameters()}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
-        return [{"params": rest, "lr_scale": 1.0},
-                {"params": [p for p in model.projection.parameters() if p.requires_grad], "lr_scale": self.projection_lr}]
+        return [{"params": [p for p in trainable if id(p) not in own], "lr_scale": 1.0},
+                {"params": [p for p in trainable if id(p) in own], "lr_scale": self.projection_lr}]
 
     def _active_at(self, step: int, total: int) -> int:
         """Warm start (Coconut-style): over the first `warm_start` of training, latent steps
