@@ -5,9 +5,9 @@ import torch
 
 from system15.config import ALIGN_RULES
 from system15.engine import generate
-from system15.layout import encode, pad, prompt
+from system15.layout import IGNORE, encode, pad, prompt, sequence_batch
 from system15.train.objective import thought_forward
-from system15.train.stage1 import LatentDistillation, codi_alignment, probe_readout, segment_alignment
+from system15.train.stage1 import LatentDistillation, codi_alignment, probe_nll, probe_readout, segment_alignment
 
 from conftest import tiny_config, tiny_model
 
@@ -160,10 +160,33 @@ def test_probe_targets_every_segment_result_or_only_the_last(examples):
     targets = {}
     for which in ("all", "last"):
         obj = LatentDistillation(tiny_config(**{"latent.K": 1, "latent.probe": 1.0, "latent.probe_results": which}))
-        (probe,) = obj.collate(model, enc)["probes"]
-        targets[which] = [tok.decode([t for t in row.tolist() if t >= 0]) for row in probe["labels"]]
+        (probe,) = obj.collate(model, enc)["probes"]  # the last probe: "last" reads it off the answer tail
+        labels = probe["tail_labels" if which == "last" else "labels"]
+        targets[which] = [tok.decode([t for t in row.tolist() if t >= 0]) for row in labels]
     for e, every, last in zip(enc, targets["all"], targets["last"]):
         assert every.split() == ["####", *e.results] and last.split() == ["####", e.results[-1]]
+
+
+def test_the_last_probe_is_read_off_the_answer_tail(examples):
+    """After the last latent step the probe's branch would repeat the answer tail's first
+    tokens from the same cache; its NLL read off the tail is the branch's own."""
+    model = tiny_model(examples)
+    tok = model.tokenizer
+    obj = LatentDistillation(tiny_config(**{"latent.K": 2, "latent.probe": 1.0, "latent.probe_results": "last"}))
+    enc = encoded(model, examples[:4])
+    batch = obj.collate(model, enc)
+    first, last = batch["probes"]
+    assert "ids" in first and set(last) == {"tail_labels"}  # step 1's branch has its own cache
+    targets = [[t for t in row.tolist() if t != IGNORE] for row in last["tail_labels"]]
+    assert [tok.decode(t).split() for t in targets] == [["####", e.results[-1]] for e in enc]
+    ids, visible, labels = sequence_batch([([tok.eot_id], t) for t in targets], tok.pad_id)
+    with torch.no_grad():  # a branch grows its cache: each probe_nll call gets fresh ones
+        student = thought_forward(model, batch["student"], K=2)
+        read = probe_nll(model, student.forks, [first, last], student.logits)
+        student = thought_forward(model, batch["student"], K=2)
+        branched = probe_nll(model, student.forks, [first, {"ids": ids, "visible": visible, "labels": labels}],
+                             student.logits)
+    assert torch.allclose(read, branched, atol=1e-6)
 
 
 def scripted_head(model, scripts):

@@ -101,6 +101,7 @@ def thought_batch(model, examples: list[Encoded], tails: list[list[int]]) -> dic
 @dataclass
 class ThoughtPass:
     nll: torch.Tensor                 # answer NLL after the thoughts
+    logits: torch.Tensor              # tail logits [B, T, vocab]
     thoughts: list                    # StepResult of each thought step
     final: torch.Tensor               # tail final states [B, T, d]
     states: list | None               # tail per-layer states (keep_layers)
@@ -132,7 +133,8 @@ def thought_forward(model, batch: dict, K: int, keep_layers: bool = False, start
     prefilled = start if start is not None else prefill(model, batch["ids"], batch["visible"])
     cache, positions, thoughts, forks = thoughts_after_prompt(model, prefilled, K, forced)
     final, states = teacher_force(model, cache, positions, batch["tail"], batch["tail_visible"], keep_layers)
-    return ThoughtPass(example_nll(model.backbone.head(final), batch["labels"]), thoughts, final, states, forks)
+    logits = model.backbone.head(final)
+    return ThoughtPass(example_nll(logits, batch["labels"]), logits, thoughts, final, states, forks)
 
 
 def teacher_force(model, cache, positions, ids, visible, keep_layers=False, after_layer=None):

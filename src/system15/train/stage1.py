@@ -29,7 +29,7 @@ import torch
 
 from ..backbone import KVCache
 from ..engine import prefill
-from ..layout import Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
+from ..layout import IGNORE, Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
 from .objective import (Objective, example_nll, layer_std, prompt_prefix, sequence_forward, teacher_force, thought_batch,
                         thought_forward, thoughts_after_prompt)
 
@@ -98,18 +98,27 @@ class LatentDistillation(Objective):
                  "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before,
                  "K": self.active}
         if self.probe:
-            batch["probes"] = [self._probe_batch(tok, examples, k) for k in range(self.active)]
+            batch["probes"] = [self._probe_batch(tok, examples, k, student["labels"]) for k in range(self.active)]
         return batch
 
-    def _probe_batch(self, tok, examples, k):
-        """`<eot> #### <results of segment k>` for each example (empty segments get no target)."""
-        pairs = []
+    def _probe_batch(self, tok, examples, k, tail_labels):
+        """`<eot> #### <results of segment k>` for each example (empty segments get no target).
+
+        The branch after the last latent step starts from the cache the answer tail continues,
+        and is fed the same `<eot>`. Where every example's target opens its tail's target (the
+        last segment's last result is the answer), the probe's NLL is the tail's on those
+        tokens, so it is read off the tail pass ("tail_labels") and needs no branch of its own."""
+        targets = []
         for e in examples:
             results = segment_results(e, self.K)[k]
             results = results[-1:] if self.probe_last else results
-            target = tok.encode("#### " + " ".join(results)) if results else []
-            pairs.append(([tok.eot_id], target))
-        ids, visible, labels = sequence_batch(pairs, tok.pad_id)
+            targets.append(tok.encode("#### " + " ".join(results)) if results else [])
+        if k == self.active - 1 and all(tail_labels[row, : len(t)].tolist() == t for row, t in enumerate(targets)):
+            labels = tail_labels.clone()
+            for row, t in enumerate(targets):
+                labels[row, len(t):] = IGNORE
+            return {"tail_labels": labels}
+        ids, visible, labels = sequence_batch([([tok.eot_id], t) for t in targets], tok.pad_id)
         return {"ids": ids, "visible": visible, "labels": labels}
 
     def loss(self, model, batch):
@@ -132,7 +141,7 @@ class LatentDistillation(Objective):
         loss = t_nll + student.nll + self.alpha * align
         metrics = {"teacher_nll": t_nll.item(), "student_nll": student.nll.item(), "align": align.item()}
         if self.probe:
-            probe = probe_nll(model, student.forks, batch["probes"])
+            probe = probe_nll(model, student.forks, batch["probes"], student.logits)
             loss = loss + self.probe * probe
             metrics["probe_nll"] = probe.item()
         return loss, metrics
@@ -153,11 +162,15 @@ def teacher_inputs(t_final: torch.Tensor, segment_pos: torch.Tensor, K: int, cha
     return forced
 
 
-def probe_nll(model, forks, probes) -> torch.Tensor:
+def probe_nll(model, forks, probes, tail_logits: torch.Tensor) -> torch.Tensor:
     """After latent step k, decode the results of the CoT segment k covers, from a cache branch:
-    the latent path must carry the intermediate values, not just end near the teacher."""
+    the latent path must carry the intermediate values, not just end near the teacher. A probe
+    whose targets open the answer tail's is scored on the tail's logits (`_probe_batch`)."""
     losses = []
     for (cache, positions), probe in zip(forks, probes):
+        if "tail_labels" in probe:
+            losses.append(example_nll(tail_logits, probe["tail_labels"]))
+            continue
         final, _ = teacher_force(model, cache, positions, probe["ids"], probe["visible"])
         losses.append(example_nll(model.backbone.head(final), probe["labels"]))
     return torch.stack(losses).mean()
