@@ -154,6 +154,9 @@ class TrainConfig:
     max_minutes: float | None = _f(None, "wall-clock cap on training (None = none)")
     batch_size: int = _f(32, "examples per optimizer step, summed over processes")
     lr: float = _f(1e-3, "peak learning rate (AdamW, linear warm-up, cosine decay)")
+    optimizer: str = _f("adamw", "adamw | muon (Muon on the hidden weight matrices at muon_lr, AdamW on embeddings, "
+                                 "head, norms and biases at lr; train/optim.py)")
+    muon_lr: float = _f(0.004, "peak learning rate of the Muon matrices (optimizer: muon), same schedule")
     warmup: int = _f(100, "warm-up steps")
     decay_by: str = _f("steps", "what the cosine decay spans: steps | budget (whichever of steps and max_minutes "
                                 "runs out first, so a run the clock stops still ends annealed)")
@@ -166,6 +169,8 @@ class TrainConfig:
         _check(self.steps >= 1, "train.steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.optimizer in ("adamw", "muon"), "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
+        _check(self.muon_lr > 0, "train.muon_lr", "must be > 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.warmup >= 0 and self.grad_clip >= 0, "train", "warmup and grad_clip must be >= 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

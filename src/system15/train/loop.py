@@ -29,6 +29,7 @@ from ..checkpoint import (latest_good, load_training_state, prune, recover, save
 from ..config import TrainConfig
 from ..layout import Encoded
 from .objective import Objective
+from .optim import build_optimizer
 
 LOG_FILE = "log.jsonl"  # a run folder's training log, one JSON entry a line
 
@@ -173,10 +174,9 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     objective.prepare(model)
     groups = objective.param_groups(model)
     params = [p for group in groups for p in group["params"]]
-    # each group's rate multiplier stays with the objective, not in the optimizer's groups, which
-    # a resumed run takes from its checkpoint (one saved before groups had multipliers has none)
-    lr_scales = [group["lr_scale"] for group in groups]
-    opt = torch.optim.AdamW([{"params": group["params"]} for group in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # each group's rate multiplier stays here, not in the optimizer's groups, which a resumed
+    # run takes from its checkpoint (one saved before groups had multipliers has none)
+    opt, lr_scales = build_optimizer(model, groups, cfg)
     wrapped, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
     state = {"step": 0, "best": -1.0, "best_step": -1, "seconds": 0.0}
@@ -231,8 +231,9 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     step = state["step"]
     while step < cfg.steps:
         objective.on_step(step, cfg.steps)
+        rate = learning_rate(cfg, step, state["seconds"])
         for group, scale in zip(opt.param_groups, lr_scales):
-            group["lr"] = learning_rate(cfg, step, state["seconds"]) * scale
+            group["lr"] = rate * scale
         idx = global_batch(len(train), step, cfg.batch_size, cfg.seed)
         share = len(idx) // world
         examples = [train[i] for i in idx[rank * share:(rank + 1) * share]]
@@ -252,7 +253,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         state["seconds"] = time.perf_counter() - began
         if world > 1:  # one clock for all: the learning rate and the stop must agree across processes
             state["seconds"] = float(accelerator.reduce(torch.tensor(state["seconds"], device=accelerator.device), "max"))
-        log({"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "grad_norm": norm, **metrics})
+        log({"step": step, "loss": mean_loss, "lr": rate, "grad_norm": norm, **metrics})
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.3f}")
         out_of_time = cfg.max_minutes is not None and state["seconds"] > 60 * cfg.max_minutes
