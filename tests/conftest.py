@@ -44,6 +44,15 @@ def tiny_model(examples, family="gpt2", thought="latent", shortcuts=False, seed=
     return model.eval()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (bitwise-comparable runs); the suite's setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def family(request):
     return request.param

@@ -20,12 +20,7 @@ from tiny_run import Slow, tiny_config, tiny_setup
 SRC = Path(system15.__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class NanGrad(torch.autograd.Function):

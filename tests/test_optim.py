@@ -106,8 +106,7 @@ def _muon_run(run_dir, steps=20):
     return model
 
 
-def test_a_muon_run_learns_and_resumes_to_the_same_weights(tmp_path):
-    torch.set_num_threads(1)  # bitwise equality across the two runs
+def test_a_muon_run_learns_and_resumes_to_the_same_weights(tmp_path, one_thread):  # bitwise across two runs
     whole = _muon_run(tmp_path / "whole")
     log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in log if "loss" in e]
