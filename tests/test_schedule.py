@@ -46,6 +46,24 @@ def test_decay_by_is_checked():
         TrainConfig(decay_by="time")
 
 
+def test_linear_decay_to_a_floor():
+    cfg = TrainConfig(steps=1100, warmup=100, lr=PEAK, decay="linear", lr_floor=0.0)
+    assert learning_rate(cfg, 100) == pytest.approx(PEAK)
+    assert learning_rate(cfg, 350) == pytest.approx(PEAK * 0.75)
+    assert learning_rate(cfg, 1100) == pytest.approx(0.0)
+    cosine_to_zero = dataclasses.replace(cfg, decay="cosine")
+    assert learning_rate(cosine_to_zero, 600) == pytest.approx(PEAK * 0.5)
+    assert learning_rate(cosine_to_zero, 350) == pytest.approx(PEAK * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(dataclasses.replace(cfg, lr_floor=0.2), 600) == pytest.approx(PEAK * 0.6)
+
+
+def test_decay_shape_and_floor_are_checked():
+    with pytest.raises(ConfigError, match=r"train\.decay: must be cosine or linear, got 'step'"):
+        TrainConfig(decay="step")
+    with pytest.raises(ConfigError, match=r"train\.lr_floor: must be in 0\.\.1, got 1\.5"):
+        TrainConfig(lr_floor=1.5)
+
+
 @pytest.mark.parametrize("decay_by", ["steps", "budget"])
 def test_a_run_the_clock_stops_ends_annealed_only_with_budget_decay(decay_by, tmp_path, monkeypatch):
     """A fake clock that moves 10 s per reading stops a 40-step run near step 6 of its 1-minute

@@ -92,3 +92,20 @@ def test_std_scaled_error_trains_and_a_bad_scale_is_refused(examples):
         model.zero_grad()
         losses[scale] = metrics["mse"]
     assert losses["std"] != losses["none"]
+
+
+@pytest.mark.parametrize("method", ["latent", "system15"])
+def test_equal_validation_keeps_the_earlier_checkpoint_but_stage_2_the_later(method, examples, tmp_path):
+    """Validation scores accuracy alone; a later stage-2 checkpoint has trained its routers
+    longer under the compute cost, so a tie goes to it. Every other stage keeps the earlier."""
+    from system15.config import TrainConfig
+    from system15.train.objective import objective_for
+    from system15.train.loop import fit
+
+    model = tiny_model(examples)
+    config = tiny_config()
+    objective = objective_for(method, config)
+    train = [encode(model.tokenizer, e) for e in examples]
+    cfg = TrainConfig(steps=6, batch_size=4, warmup=1, eval_every=2)
+    summary = fit(model, objective, train, cfg, tmp_path / method, validate=lambda m: 0.5, quiet=True)
+    assert summary["best_step"] == {"latent": 2, "system15": 6}[method]

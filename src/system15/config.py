@@ -153,12 +153,14 @@ class TrainConfig:
     steps: int = _f(2000, "optimizer steps (a run may stop earlier at max_minutes)")
     max_minutes: float | None = _f(None, "wall-clock cap on training (None = none)")
     batch_size: int = _f(32, "examples per optimizer step, summed over processes")
-    lr: float = _f(1e-3, "peak learning rate (AdamW, linear warm-up, cosine decay)")
+    lr: float = _f(1e-3, "peak learning rate (AdamW; linear warm-up, then the decay)")
     optimizer: str = _f("adamw", "adamw | muon (Muon on the hidden weight matrices at muon_lr, AdamW on embeddings, "
                                  "head, norms and biases at lr; train/optim.py)")
     muon_lr: float = _f(0.004, "peak learning rate of the Muon matrices (optimizer: muon), same schedule")
     warmup: int = _f(100, "warm-up steps")
-    decay_by: str = _f("steps", "what the cosine decay spans: steps | budget (whichever of steps and max_minutes "
+    decay: str = _f("cosine", "the decay's shape after warm-up: cosine | linear")
+    lr_floor: float = _f(0.1, "where the decay ends, as a fraction of the peak (0..1)")
+    decay_by: str = _f("steps", "what the decay spans: steps | budget (whichever of steps and max_minutes "
                                 "runs out first, so a run the clock stops still ends annealed)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
@@ -175,6 +177,8 @@ class TrainConfig:
         _check(self.warmup >= 0 and self.grad_clip >= 0, "train", "warmup and grad_clip must be >= 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0 (or null for no cap)")
+        _check(self.decay in ("cosine", "linear"), "train.decay", f"must be cosine or linear, got {self.decay!r}")
+        _check(0 <= self.lr_floor <= 1, "train.lr_floor", f"must be in 0..1, got {self.lr_floor}")
         _check(self.decay_by in ("steps", "budget"), "train.decay_by", f"must be steps or budget, got {self.decay_by!r}")
 
 

@@ -53,15 +53,18 @@ def git_revision() -> str:
 
 
 def learning_rate(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak, over the steps; with
-    `decay_by: budget` and a wall-clock cap, over whichever of the two runs out first (the
-    `seconds` trained so far against the cap), so a run the clock stops ends annealed too."""
+    """Linear warm-up, then a cosine (or linear) decay to `lr_floor` of the peak, over the
+    steps; with `decay_by: budget` and a wall-clock cap, over whichever of the two runs out
+    first (the `seconds` trained so far against the cap), so a run the clock stops ends
+    annealed too."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     if cfg.decay_by == "budget" and cfg.max_minutes is not None:
         progress = max(progress, seconds / (60 * cfg.max_minutes))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    progress = min(progress, 1.0)
+    left = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress  # 1 -> 0
+    return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * left)
 
 
 def global_batch(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -207,7 +210,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         if validate is not None:
             score = validate(model)
             log({"step": step, "valid_accuracy": score})
-            if score > state["best"] and objective.selectable(step, cfg.steps):
+            if objective.replaces_best(score, state["best"]) and objective.selectable(step, cfg.steps):
                 state.update(best=score, best_step=step)
                 if main:
                     write_atomic(run_dir / "best", model.save)

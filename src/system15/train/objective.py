@@ -46,6 +46,11 @@ class Objective:
         """May the model at `step` be kept as best? (A curriculum: only in its final stage.)"""
         return True
 
+    def replaces_best(self, score: float, best: float) -> bool:
+        """Does a checkpoint scoring `score` on validation replace the kept one? (Default: only a
+        higher score, so ties keep the earlier checkpoint.)"""
+        return score > best
+
     def collate(self, model, examples: list[Encoded]) -> dict:
         raise NotImplementedError
 
