@@ -265,6 +265,51 @@ def test_the_student_starting_from_the_teachers_prompt_pass_is_exact(examples, f
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("rule", ALIGN_RULES)
+def test_a_teacher_on_part_of_the_batch(examples, family, rule):
+    """latent.teacher_rows = 0.5: the teacher runs on the first half of the rows and the rest
+    run their prompt alone; the student, on every row, is exactly what it is with the teacher
+    on every row, and the teacher's NLL and the alignment are those of the taught rows."""
+    model = tiny_model(examples, family)
+    rows = encoded(model, examples[:6])
+    everyone = LatentDistillation(tiny_config(family, **{"latent.align": rule}))
+    half = LatentDistillation(tiny_config(family, **{"latent.align": rule, "latent.teacher_rows": 0.5}))
+    batch = half.collate(model, rows)
+    assert len(batch["teacher"]["ids"]) == 3 and len(batch["prompts"]["ids"]) == 3
+    assert len({len(r.question) for r in rows}) > 1, "the case should mix prompt lengths"
+    with torch.no_grad():
+        _, got = half.loss(model, batch)
+        _, all_rows = everyone.loss(model, everyone.collate(model, rows))
+        _, taught = everyone.loss(model, everyone.collate(model, rows[:3]))
+    assert got["student_nll"] == pytest.approx(all_rows["student_nll"], rel=1e-5)
+    assert got["teacher_nll"] == pytest.approx(taught["teacher_nll"], rel=1e-5)
+    assert got["align"] == pytest.approx(taught["align"], rel=1e-4)
+    assert got["teacher_nll"] != pytest.approx(all_rows["teacher_nll"], rel=1e-3)
+
+
+def test_teacher_rows_must_be_a_share():
+    from system15.config import ConfigError, load_config
+
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="latent.teacher_rows"):
+            load_config(None, [f"latent.teacher_rows={bad}"])
+
+
+def test_stacked_caches_keep_each_rows_keys_and_hide_the_padding():
+    from system15.backbone import KVCache
+
+    short, long = KVCache.empty(1), KVCache.empty(1)
+    short.append_kv(0, torch.ones(1, 2, 3, 4), 2 * torch.ones(1, 2, 3, 4))
+    short.append_positions(torch.tensor([[False, True, True]]))
+    long.append_kv(0, torch.full((2, 2, 5, 4), 3.0), torch.full((2, 2, 5, 4), 4.0))
+    long.append_positions(torch.ones(2, 5, dtype=torch.bool), [torch.tensor([[False] * 4 + [True]] * 2)])
+    both = KVCache.stack_rows([short, long])
+    assert both.keys[0].shape == (3, 2, 5, 4) and both.length == 5
+    assert both.keys[0][0, :, :3].eq(1).all() and both.keys[0][0, :, 3:].eq(0).all() and both.values[0][1:].eq(4).all()
+    assert both.visible.tolist() == [[False, True, True, False, False]] + [[True] * 5] * 2
+    assert both.visible_to(0).tolist() == [[False, True, True, False, False]] + [[True] * 4 + [False]] * 2
+
+
 def test_teacher_inputs_start_later_steps_from_the_teachers_segment_end(examples):
     """latent.teacher_inputs = 1: step 2 reads P(teacher's last-layer state at the end of segment
     1), not P(step 1's own state); step 1 and examples with an empty segment 1 are untouched;

@@ -7,12 +7,13 @@ code can put shortcuts between layers and can run a layer on a subset of the bat
 The KV cache is ours (`KVCache`): per layer, keys and values of shape [B, H_kv, T, D] and a
 boolean `visible` mask [B, T] saying which cached positions this layer may attend to
 (padding is invisible everywhere; under kv_policy="skip" a skipped position is invisible at
-the layer it skipped). HF attention modules only ever call `past_key_values.update(k, v, i)`,
+the layer it skipped). HF attention modules only ever call `update(k, v, i)` on the cache they are handed,
 so `_RowsView` hands a layer the cached rows it runs and captures the keys it writes.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,26 @@ class KVCache:
         return KVCache([cut(k) for k in self.keys], [cut(v) for v in self.values], visible & self.visible[:, :length],
                        [None if h is None else h[:, :length] for h in self.hidden])
 
+    @classmethod
+    def stack_rows(cls, caches: list["KVCache"]) -> "KVCache":
+        """The rows of `caches` in one cache, in order, each padded on the right to the longest
+        (zero keys and values at positions no layer sees)."""
+        width = max(c.length for c in caches)
+
+        def right(t, fill=0):  # pad the position dimension: 2 of keys/values, 1 of masks
+            dim = 2 if t.dim() == 4 else 1
+            return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, width - t.shape[dim]), value=fill)
+
+        def hidden(c, layer):
+            return right(c.hidden[layer] if c.hidden[layer] is not None else torch.zeros_like(c.visible), False)
+
+        layers = range(len(caches[0].keys))
+        return cls([torch.cat([right(c.keys[i]) for c in caches]) for i in layers],
+                   [torch.cat([right(c.values[i]) for c in caches]) for i in layers],
+                   torch.cat([right(c.visible, False) for c in caches]),
+                   [None if all(c.hidden[i] is None for c in caches) else torch.cat([hidden(c, i) for c in caches])
+                    for i in layers])
+
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append new positions (k, v: [B, H, q, D]) to one layer."""
         if self.keys[layer] is None:
@@ -95,7 +116,7 @@ class KVCache:
 
 
 class _RowsView:
-    """What a HF attention module sees as `past_key_values` for one layer and some rows."""
+    """What a HF attention module sees as its cache (`cache`, or `past_key_values`) for one layer and some rows."""
 
     def __init__(self, cache: KVCache, layer: int, rows: torch.Tensor | None):
         self.cache, self.layer, self.rows = cache, layer, rows
@@ -151,6 +172,10 @@ class Backbone(nn.Module):
         cfg = lm.config
         self.num_layers = cfg.num_hidden_layers if self.family == "llama" else cfg.n_layer
         self.hidden_size = cfg.hidden_size
+        # the name a decoder layer takes its cache by: `cache` since transformers 5.24,
+        # `past_key_values` before (still accepted there, with a warning, until 5.40)
+        params = inspect.signature(type(self.layers[0]).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         if self.family == "gpt2" and cfg.activation_function == "gelu_new":
             # GPT-2's tanh GELU, as HF writes it, is seven elementwise ops; torch's fused
             # kernel computes the same function (within 3e-7 in fp32). A demo stage-1
@@ -198,9 +223,9 @@ class Backbone(nn.Module):
         bias = ctx.bias if bias is None else bias
         block = self.layers[layer]
         if self.family == "gpt2":
-            out = block(h, past_key_values=view, attention_mask=bias)
+            out = block(h, attention_mask=bias, **{self.cache_kwarg: view})
         else:
-            out = block(h, attention_mask=bias, past_key_values=view, position_embeddings=ctx.rotary)
+            out = block(h, attention_mask=bias, position_embeddings=ctx.rotary, **{self.cache_kwarg: view})
         out = out[0] if isinstance(out, tuple) else out
         return out, view.new_k, view.new_v
 

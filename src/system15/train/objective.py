@@ -95,6 +95,20 @@ def prompt_prefix(cache: KVCache, final: torch.Tensor, prompt_len: torch.Tensor)
             prompt_len.clone())
 
 
+def prompt_pass(model, batch: dict) -> tuple:
+    """`prompt_prefix` for right-padded prompts alone (ids, visible): one pass, no head."""
+    bb = model.backbone
+    cache = KVCache.empty(bb.num_layers)
+    final, _ = bb.forward_full(bb.embed(batch["ids"]), positions_from_mask(batch["visible"]), batch["visible"], cache)
+    return prompt_prefix(cache, final, batch["visible"].sum(1))
+
+
+def join_prefixes(first: tuple, second: tuple) -> tuple:
+    """Two `prompt_prefix` results, for two sets of rows, as one (rows of `first`, then `second`)."""
+    cache = KVCache.stack_rows([first[0], second[0]])
+    return cache, torch.cat([first[1], second[1]]), first[2], torch.cat([first[3], second[3]])
+
+
 def thought_batch(model, examples: list[Encoded], tails: list[list[int]]) -> dict:
     """Left-padded prompts, then right-padded tails `<eot> targets` with their labels."""
     tok = model.tokenizer

@@ -13,6 +13,12 @@ With latent.align_scale = "dim" (another lever), the normalised rules divide eac
 dimension by its own std over the batch instead of one std for the whole layer, so the
 dimensions that tell examples apart weigh as much as those every example shares.
 
+With latent.teacher_rows < 1, the teacher runs on only the first rows of each batch (a random
+draw, so a random share of it): its NLL and the alignment are averaged over those rows, while
+the student's answer NLL and the probe still cover every row. The other rows run their prompt
+alone, to give the student its prefix. The teacher's pass over prompt and chain is most of a
+step's arithmetic, and its NLL stays near zero after CoT-SFT, so a smaller share buys steps.
+
 Optional (latent.probe > 0), one of the levers the plain rule needed at small scale: after
 latent step k, a short teacher-forced branch must decode `#### <results of segment k>`, so
 the latent path is made to carry the intermediate values themselves. With
@@ -30,15 +36,16 @@ import torch
 from ..backbone import KVCache
 from ..engine import prefill
 from ..layout import IGNORE, Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
-from .objective import (Objective, example_nll, layer_std, prompt_prefix, sequence_forward, teacher_force, thought_batch,
-                        thought_forward, thoughts_after_prompt)
+from .objective import (Objective, example_nll, join_prefixes, layer_std, prompt_pass, prompt_prefix, sequence_forward,
+                        teacher_force, thought_batch, thought_forward, thoughts_after_prompt)
 
 
 class LatentDistillation(Objective):
     name = "latent"
     thought = "latent"
     settings = ("latent.K", "latent.alpha", "latent.align", "latent.align_scale", "latent.probe", "latent.probe_results",
-                "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden", "latent.projection_lr")
+                "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden", "latent.projection_lr",
+                "latent.teacher_rows")
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
@@ -46,6 +53,7 @@ class LatentDistillation(Objective):
         self.probe, self.probe_last = config.latent.probe, config.latent.probe_results == "last"
         self.warm_start, self.teacher_inputs = config.latent.warm_start, config.latent.teacher_inputs
         self.projection_lr = config.latent.projection_lr
+        self.teacher_rows = config.latent.teacher_rows
         self.active = self.K  # latent steps in use; fewer during the warm start
 
     def eval_K(self, config):
@@ -80,23 +88,31 @@ class LatentDistillation(Objective):
         first = self.active * len(e.steps) // self.K
         return [i for step in e.steps[first:] for i in step]
 
+    def teachers(self, batch_size: int) -> int:
+        """How many rows of a batch the teacher runs on (`latent.teacher_rows`; at least one)."""
+        return max(1, round(self.teacher_rows * batch_size))
+
     def collate(self, model, examples):
         tok = model.tokenizer
-        teacher_pairs = [(prompt(tok, e), cot_target(tok, e)) for e in examples]
+        taught = self.teachers(len(examples))  # the batch is a random draw: its first rows are too
+        teacher_pairs = [(prompt(tok, e), cot_target(tok, e)) for e in examples[:taught]]
         ids, visible, labels = sequence_batch(teacher_pairs, tok.pad_id)
         student = thought_batch(model, examples, [self._remaining(e) + e.answer for e in examples])
-        seg = torch.full((len(examples), self.K), -1, dtype=torch.long)
-        for row, e in enumerate(examples):
+        seg = torch.full((len(examples), self.K), -1, dtype=torch.long)  # -1: no teacher state to align to
+        for row, e in enumerate(examples[:taught]):
             for k, end in enumerate(segment_ends(e, self.K)[: self.active]):
                 if end is not None:
                     seg[row, k] = len(e.question) + 1 + end
         # the last marker id predicts the answer's first digit: that is "the position before the answer"
-        teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples])
-        student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in examples])
+        teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples[:taught]])
+        student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in examples[:taught]])
         prompt_len = torch.tensor([len(pair[0]) for pair in teacher_pairs])
         batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "prompt_len": prompt_len, "student": student,
                  "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before,
                  "K": self.active}
+        if taught < len(examples):  # the other rows' prompts, right-padded, for the student's prefix
+            rest, rest_visible = pad([prompt(tok, e) for e in examples[taught:]], tok.pad_id)
+            batch["prompts"] = {"ids": rest, "visible": rest_visible}
         if self.probe:
             batch["probes"] = [self._probe_batch(tok, examples, k, student["labels"]) for k in range(self.active)]
         return batch
@@ -127,11 +143,14 @@ class LatentDistillation(Objective):
         t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=self.rule != "segment",
                                                     cache=teacher_cache)
         start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
+        if "prompts" in batch:  # rows without a teacher: their prompts alone
+            start = join_prefixes(start, prompt_pass(model, batch["prompts"]))
         forced = teacher_inputs(t_final, batch["segment_pos"], batch["K"], self.teacher_inputs) if self.teacher_inputs else None
         student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start, forced=forced)
         if codi:
-            align = codi_alignment(t_states, student.states, batch["teacher_before"], batch["student_before"],
-                                   scale=self.scale)
+            taught = len(batch["teacher_before"])
+            align = codi_alignment(t_states, [s[:taught] for s in student.states], batch["teacher_before"],
+                                   batch["student_before"], scale=self.scale)
         elif self.rule == "segment_layers":
             align = torch.stack([segment_alignment(t_layer, [res.layers[layer] for res in student.thoughts],
                                                    batch["segment_pos"], normalise=self.scale)
@@ -152,9 +171,10 @@ def teacher_inputs(t_final: torch.Tensor, segment_pos: torch.Tensor, K: int, cha
     probability `chance`, from the teacher's last-layer state (stop-gradient) at the end of
     segment k-1, the state step k-1 is aligned to, instead of from step k-1's own output. Step
     k then learns its own segment from a clean start; decoding always chains its own states.
-    Examples whose segment k-1 is empty keep their own state. `forced` for `thought_forward`."""
+    Examples whose segment k-1 is empty, or that have no teacher (rows past `t_final`'s, see
+    `latent.teacher_rows`), keep their own state. `forced` for `thought_forward`."""
     forced = [None]
-    rows = torch.arange(len(segment_pos), device=segment_pos.device)
+    rows = torch.arange(len(segment_pos), device=segment_pos.device).clamp(max=len(t_final) - 1)
     for k in range(1, K):
         pos = segment_pos[:, k - 1]
         drawn = torch.rand(len(pos), device=pos.device) < chance
