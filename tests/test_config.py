@@ -180,3 +180,10 @@ def test_shipped_ablation_files_load():
 def test_timing_rounds_must_be_a_positive_integer():
     with pytest.raises(ConfigError, match="eval.timing_rounds"):
         load_config(None, ["eval.timing_rounds=0"])
+
+
+def test_the_mu_grid_holds_distinct_weights():
+    for bad in ("[1,-1]", "[2,2]"):
+        with pytest.raises(ConfigError, match="shortcut.mu_grid"):
+            load_config(None, [f"shortcut.mu_grid={bad}"])
+    assert load_config(None, ["shortcut.mu_grid=[0.8,3.2]"]).shortcut.mu_grid == [0.8, 3.2]

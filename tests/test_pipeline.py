@@ -12,7 +12,8 @@ from system15.checkpoint import write_atomic
 from system15.config import METHODS, load_ablation
 from system15.model import load_reasoning_model
 from system15 import pipeline
-from system15.pipeline import evaluate_rung, load_splits, run_ablation, run_ladder, train_rung, train_stage1
+from system15.pipeline import (choose_mu, evaluate_rung, ladder_rung, load_splits, run_ablation, run_ladder,
+                               train_rung, train_stage1)
 from system15.rungs import TEST_RECORDS, StaleRunError, weights_digest
 
 from conftest import tiny_config
@@ -20,7 +21,7 @@ from conftest import tiny_config
 TINY = {"task.n_train": 200, "task.n_valid": 8, "task.n_test": 12, "task.n_steps": 3, "task.max_new_tokens": 12,
         "eval.timing_examples": 4, "eval.timing_batch_sizes": "[1,4]", "eval.batch_size": 12,
         "eval.sweep_depth": "[0.5,0.9]", "eval.sweep_step": "[1,2]", "latent.compare_align": "true",
-        "latent.coconut_stages": 2, **{f"stages.{m}": "{steps: 4, batch_size: 8, eval_every: 4, warmup: 1}" for m in METHODS}}
+        "latent.coconut_stages": 2, "shortcut.mu_grid": "[0.5,2]", **{f"stages.{m}": "{steps: 4, batch_size: 8, eval_every: 4, warmup: 1}" for m in METHODS}}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_a_finished_rung_is_loaded_not_retrained(ladder):
     stamps = {m: (runs / m / "done.json").stat().st_mtime_ns for m in ("cot", "system15")}
     splits = load_splits(config)
     for method in stamps:
-        model = train_rung(config, method, splits, runs)
+        model = ladder_rung(config, method, splits, runs)
         assert model.method == method and (model.shortcuts is not None) == (method == "system15")
     assert stamps == {m: (runs / m / "done.json").stat().st_mtime_ns for m in stamps}
 
@@ -103,11 +104,11 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(k["K"]) or real(*a, **k))
     by_method = {r["method"]: r for r in summary["rows"]}
     for method in ("cot", "system15"):
-        model = train_rung(config, method, load_splits(config), runs)
+        model = ladder_rung(config, method, load_splits(config), runs)
         recs = evaluate_rung(config, method, model, test, runs / method)
         assert sum(r.correct for r in recs) / len(recs) == by_method[method]["accuracy"]
     assert decoded == []
-    model = train_rung(config, "system15", load_splits(config), runs)
+    model = ladder_rung(config, "system15", load_splits(config), runs)
     other = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, lambda_depth=0.9))
     evaluate_rung(other, "system15", model, test, runs / "system15")  # another threshold
     evaluate_rung(config, "system15", model, test[:5], runs / "system15")  # another test set
@@ -258,6 +259,35 @@ def test_the_latent_rung_follows_the_rule_chosen_on_validation(ladder, tmp_path)
     shutil.copytree(runs / f"latent-{other}", runs / "latent", ignore=shutil.ignore_patterns("checkpoints"))
     train_stage1(config, load_splits(config), runs)
     assert weights_digest(runs / "latent" / "best") == weights_digest(runs / f"latent-{chosen}" / "best")
+
+
+def test_stage2_keeps_the_largest_weight_of_its_grid_within_tolerance(ladder, tmp_path):
+    """shortcut.mu_grid: the ladder trains stage 2 at each weight and keeps the one
+    `choose_mu` picks; an ablation variant at a grid weight is that same run, reused."""
+    root, config, summary = ladder
+    grid = summary["stage2_mu"]
+    assert set(grid["scores"]) == {"0.5", "2"} and grid["chosen"] in (0.5, 2)
+    assert grid["chosen"] == choose_mu({float(k): v for k, v in grid["scores"].items()}, grid["stage1"], grid["tolerance"])
+    runs = root / "runs" / "tiny"
+    assert weights_digest(runs / "system15" / "best") == weights_digest(runs / f"system15-mu_{grid['chosen']:g}" / "best")
+    shutil.copytree(root / "runs", tmp_path / "runs")
+    config.save(tmp_path / "tiny.json")
+    (tmp_path / "mu.yaml").write_text("name: mu\nrecipe: tiny.json\nmethod: system15\nreference: [latent]\n"
+                                      "variants:\n  mu 2: [shortcut.mu=2]\n")
+    done = tmp_path / "runs" / "tiny" / "system15-mu_2" / "done.json"
+    before = done.read_text()
+    out = run_ablation(load_ablation(tmp_path / "mu.yaml"), runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    assert done.read_text() == before  # reused, not retrained
+    assert out["rows"][-1]["best_valid_accuracy"] == grid["scores"]["2"]
+
+
+def test_choose_mu_takes_the_largest_weight_inside_the_band():
+    scores = {0.8: 0.84, 3.2: 0.845, 6.4: 0.82, 12.8: 0.80}
+    assert choose_mu(scores, 0.835, 1.0) == 3.2
+    assert choose_mu(scores, 0.835, 2.0) == 6.4
+    assert choose_mu(scores, 0.835, 4.0) == 12.8
+    assert choose_mu(scores, 0.90, 1.0) == 3.2  # none inside: the most accurate
+    assert choose_mu({1.0: 0.5, 2.0: 0.5}, 0.9, 1.0) == 1.0  # ...and of equals, the smaller
 
 
 def test_the_sweep_can_decode_the_start_of_the_test_set_only(ladder, monkeypatch):

@@ -136,7 +136,11 @@ class ShortcutConfig:
     adapter_dim: int = _f(32, "bottleneck width of the vertical and horizontal adapters")
     router_hidden: int = _f(32, "hidden width of each router MLP")
     beta: float = _f(1.0, "stage 2: weight of the answer NLL on the mixed path")
-    mu: float = _f(0.05, "stage 2: weight of the compute cost")
+    mu: float = _f(0.05, "stage 2: weight of the compute cost (one stage-2 run; the ladder trains shortcut.mu_grid instead when it is set)")
+    mu_grid: list = _f([], "stage 2 as the ladder trains it: compute-cost weights, each trained from the same stage 1; "
+                           "the ladder keeps the largest whose best validation accuracy is within shortcut.mu_tolerance points "
+                           "of stage 1's (empty = shortcut.mu alone)")
+    mu_tolerance: float = _f(1.0, "shortcut.mu_grid: validation points below stage 1 a weight may lose and still be kept")
     mse_scale: str = _f("none", "stage 2: none (method.md's plain squared error) | std (each layer's difference divided by the full path's std at that layer, as CODI's alignment: the error, and so mu, no longer scale with the backbone's activations)")
     cost_noncritical: float = _f(1.0, "e at layer 1 for non-critical steps; grows linearly to 2x at layer L")
     cost_critical: float = _f(0.1, "e at layer 1 for critical steps; shrinks linearly to 0.5x at layer L")
@@ -146,7 +150,9 @@ class ShortcutConfig:
         _check(self.kv_policy in ("fill", "skip"), "shortcut.kv_policy", f"unknown policy {self.kv_policy!r}")
         _check(self.mse_scale in ("none", "std"), "shortcut.mse_scale", f"must be none or std, got {self.mse_scale!r}")
         _check(self.adapter_dim >= 1 and self.router_hidden >= 1, "shortcut", "adapter_dim and router_hidden must be >= 1")
-        for key in ("beta", "mu", "cost_noncritical", "cost_critical"):
+        _check(all(isinstance(m, (int, float)) and m >= 0 for m in self.mu_grid) and len(set(self.mu_grid)) == len(self.mu_grid),
+               "shortcut.mu_grid", f"must be distinct weights >= 0, got {self.mu_grid}")
+        for key in ("beta", "mu", "mu_tolerance", "cost_noncritical", "cost_critical"):
             _check(getattr(self, key) >= 0, f"shortcut.{key}", "must be >= 0")
 
 

@@ -102,20 +102,54 @@ def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
         train_rung(cfg, "latent", splits, runs_dir, run_name=name)
         scores[rule] = _best_score(runs_dir / name)
     chosen = max(scores, key=scores.get)
-    latent_dir, chosen_dir = runs_dir / "latent", runs_dir / f"latent-{chosen}"
-    if not is_done(latent_dir) or weights_digest(latent_dir / "best") != weights_digest(chosen_dir / "best"):
-        if latent_dir.exists():
-            shutil.rmtree(latent_dir)
-        shutil.copytree(chosen_dir, latent_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    model = load_reasoning_model(latent_dir / "best", config).to(device_for(config))
-    return model, {**scores, "chosen": chosen}
+    return _keep(config, "latent", runs_dir, f"latent-{chosen}"), {**scores, "chosen": chosen}
+
+
+def train_stage2(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict | None]:
+    """Stage 2 at `shortcut.mu`, or with `shortcut.mu_grid` at each weight of the grid (runs
+    <name>/system15-mu_<weight>, the runs an ablation variant `mu <weight>` trains too); the
+    largest weight whose best validation accuracy is within `shortcut.mu_tolerance` points of
+    stage 1's becomes runs/<name>/system15 (`choose_mu`), every score is recorded."""
+    grid = config.shortcut.mu_grid
+    if not grid:
+        return train_rung(config, "system15", splits, runs_dir), None
+    scores = {}
+    for mu in grid:
+        cfg = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, mu=mu))
+        train_rung(cfg, "system15", splits, runs_dir, run_name=f"system15-mu_{mu:g}")
+        scores[mu] = _best_score(runs_dir / f"system15-mu_{mu:g}")
+    stage1 = _best_score(runs_dir / "latent")
+    chosen = choose_mu(scores, stage1, config.shortcut.mu_tolerance)
+    model = _keep(config, "system15", runs_dir, f"system15-mu_{chosen:g}")
+    return model, {"scores": {f"{mu:g}": acc for mu, acc in scores.items()}, "stage1": stage1,
+                   "tolerance": config.shortcut.mu_tolerance, "chosen": chosen}
+
+
+def choose_mu(scores: dict[float, float], stage1: float, tolerance: float) -> float:
+    """The largest compute weight whose validation accuracy (`scores`, mu -> accuracy) is at
+    most `tolerance` points below stage 1's; when none is, the most accurate (ties: the smaller)."""
+    kept = [mu for mu, acc in scores.items() if acc >= stage1 - tolerance / 100 - 1e-9]
+    return max(kept) if kept else max(scores, key=lambda mu: (scores[mu], -mu))
+
+
+def _keep(config: RunConfig, method: str, runs_dir: Path, chosen: str) -> ReasoningModel:
+    """Make runs/<name>/<method> the chosen run (a copy without its checkpoints, unless it
+    already holds the same weights), and load it."""
+    target, chosen_dir = runs_dir / method, runs_dir / chosen
+    if not is_done(target) or weights_digest(target / "best") != weights_digest(chosen_dir / "best"):
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(chosen_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+    return load_reasoning_model(target / "best", config).to(device_for(config))
 
 
 def ladder_rung(config: RunConfig, method: str, splits, runs_dir: Path) -> ReasoningModel:
     """A rung as the ladder trains it: stage 1 keeps the best of its alignment rules, which
-    need not be the rule the recipe names."""
+    need not be the rule the recipe names, and stage 2 the weight `choose_mu` picks."""
     if method == "latent":
         return train_stage1(config, splits, runs_dir)[0]
+    if method == "system15":
+        return train_stage2(config, splits, runs_dir)[0]
     return train_rung(config, method, splits, runs_dir)
 
 
@@ -250,12 +284,14 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
     splits = load_splits(config)
     methods = [m for m in METHODS if m in config.methods]
     models: dict[str, ReasoningModel] = {}
-    stage1 = None
+    stage1 = stage2 = None
     seconds = {}
     for method in tqdm(methods, desc="ladder", leave=True):
         began = time.perf_counter()
         if method == "latent":
             models[method], stage1 = train_stage1(config, splits, runs_dir)
+        elif method == "system15":
+            models[method], stage2 = train_stage2(config, splits, runs_dir)
         else:
             models[method] = train_rung(config, method, splits, runs_dir)
         seconds[method] = round(time.perf_counter() - began, 1)
@@ -273,6 +309,7 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         "command": command,
         "rows": rows,
         "stage1_align": stage1,
+        "stage2_mu": stage2,
         "system15_latency_parts": explained,
         "wall_seconds_this_run": seconds,
         "test_examples": len(splits["test"]),

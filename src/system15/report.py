@@ -123,6 +123,12 @@ def notes(summary: dict) -> list[str]:
         out.append("Stage-1 alignment rules (validation accuracy): " +
                    ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
                    f"; chosen: {summary['stage1_align'].get('chosen')}")
+    grid = summary.get("stage2_mu")
+    if grid:
+        out.append(f"Stage-2 compute weights mu (validation accuracy; stage 1: {grid['stage1']:.1%}): " +
+                   ", ".join(f"{mu}: {acc:.1%}" for mu, acc in grid["scores"].items()) +
+                   f"; chosen: {grid['chosen']:g}, the largest within {grid['tolerance']:g} "
+                   f"point{'s' * (grid['tolerance'] != 1)} of stage 1")
     pause = by.get("pause")
     if pause and "speedup_vs_latent" in pause and "latent" in by:
         gauge = " / ".join(f"{pause[k]:.2f}x" for k in ("speedup_vs_latent", "speedup_vs_latent_b8", "speedup_vs_latent_b64")

@@ -64,6 +64,11 @@ def _lookup(config: dict, key: str):
     return config
 
 
+# settings that are not part of any one run: the test set's size, and how the ladder chooses
+# between stage-2 runs (each grid run is the run its own mu would give)
+OUTSIDE_A_RUN = ("task.n_test", "shortcut.mu_grid", "shortcut.mu_tolerance")
+
+
 def rung_settings(method: str, config: dict, train: dict) -> dict:
     """Every setting the training of `method` depends on, as {dotted key: value}.
     config: a RunConfig as a dict; train: its TrainConfig for `method` as a dict."""
@@ -71,7 +76,8 @@ def rung_settings(method: str, config: dict, train: dict) -> dict:
     out = {}
     for key in keys:
         out.update(_flatten(_lookup(config, key), key))
-    out.pop("task.n_test", None)
+    for key in OUTSIDE_A_RUN:
+        out.pop(key, None)
     out.update(_flatten(train, f"stages.{method}"))
     return out
 
