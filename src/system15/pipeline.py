@@ -116,8 +116,9 @@ def train_stage2(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
     scores = {}
     for mu in grid:
         cfg = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, mu=mu))
-        train_rung(cfg, "system15", splits, runs_dir, run_name=f"system15-mu_{mu:g}")
-        scores[mu] = _best_score(runs_dir / f"system15-mu_{mu:g}")
+        name = f"system15-mu_{mu:g}"
+        train_rung(cfg, "system15", splits, runs_dir, run_name=name)
+        scores[mu] = _best_score(runs_dir / name)
     stage1 = _best_score(runs_dir / "latent")
     chosen = choose_mu(scores, stage1, config.shortcut.mu_tolerance)
     model = _keep(config, "system15", runs_dir, f"system15-mu_{chosen:g}")
@@ -146,11 +147,16 @@ def _keep(config: RunConfig, method: str, runs_dir: Path, chosen: str) -> Reason
 def ladder_rung(config: RunConfig, method: str, splits, runs_dir: Path) -> ReasoningModel:
     """A rung as the ladder trains it: stage 1 keeps the best of its alignment rules, which
     need not be the rule the recipe names, and stage 2 the weight `choose_mu` picks."""
+    return _ladder_rung_and_choice(config, method, splits, runs_dir)[0]
+
+
+def _ladder_rung_and_choice(config: RunConfig, method: str, splits, runs_dir: Path) -> tuple[ReasoningModel, dict | None]:
+    """`ladder_rung`, with the record of the choice the rung made between runs (None: no choice)."""
     if method == "latent":
-        return train_stage1(config, splits, runs_dir)[0]
+        return train_stage1(config, splits, runs_dir)
     if method == "system15":
-        return train_stage2(config, splits, runs_dir)[0]
-    return train_rung(config, method, splits, runs_dir)
+        return train_stage2(config, splits, runs_dir)
+    return train_rung(config, method, splits, runs_dir), None
 
 
 def _best_score(run_dir: Path) -> float:
@@ -284,16 +290,10 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
     splits = load_splits(config)
     methods = [m for m in METHODS if m in config.methods]
     models: dict[str, ReasoningModel] = {}
-    stage1 = stage2 = None
-    seconds = {}
+    choices, seconds = {}, {}
     for method in tqdm(methods, desc="ladder", leave=True):
         began = time.perf_counter()
-        if method == "latent":
-            models[method], stage1 = train_stage1(config, splits, runs_dir)
-        elif method == "system15":
-            models[method], stage2 = train_stage2(config, splits, runs_dir)
-        else:
-            models[method] = train_rung(config, method, splits, runs_dir)
+        models[method], choices[method] = _ladder_rung_and_choice(config, method, splits, runs_dir)
         seconds[method] = round(time.perf_counter() - began, 1)
     with autocast(config):
         rows, records = measure(config, models, splits, runs_dir)
@@ -308,8 +308,8 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         "device": device_name(),
         "command": command,
         "rows": rows,
-        "stage1_align": stage1,
-        "stage2_mu": stage2,
+        "stage1_align": choices.get("latent"),
+        "stage2_mu": choices.get("system15"),
         "system15_latency_parts": explained,
         "wall_seconds_this_run": seconds,
         "test_examples": len(splits["test"]),

@@ -94,24 +94,24 @@ class LatentDistillation(Objective):
 
     def collate(self, model, examples):
         tok = model.tokenizer
-        taught = self.teachers(len(examples))  # the batch is a random draw: its first rows are too
-        teacher_pairs = [(prompt(tok, e), cot_target(tok, e)) for e in examples[:taught]]
+        taught = examples[: self.teachers(len(examples))]  # the batch is a random draw: its first rows are too
+        teacher_pairs = [(prompt(tok, e), cot_target(tok, e)) for e in taught]
         ids, visible, labels = sequence_batch(teacher_pairs, tok.pad_id)
         student = thought_batch(model, examples, [self._remaining(e) + e.answer for e in examples])
         seg = torch.full((len(examples), self.K), -1, dtype=torch.long)  # -1: no teacher state to align to
-        for row, e in enumerate(examples[:taught]):
+        for row, e in enumerate(taught):
             for k, end in enumerate(segment_ends(e, self.K)[: self.active]):
                 if end is not None:
                     seg[row, k] = len(e.question) + 1 + end
         # the last marker id predicts the answer's first digit: that is "the position before the answer"
-        teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in examples[:taught]])
-        student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in examples[:taught]])
+        teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in taught])
+        student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in taught])
         prompt_len = torch.tensor([len(pair[0]) for pair in teacher_pairs])
         batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "prompt_len": prompt_len, "student": student,
                  "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before,
                  "K": self.active}
-        if taught < len(examples):  # the other rows' prompts, right-padded, for the student's prefix
-            rest, rest_visible = pad([prompt(tok, e) for e in examples[taught:]], tok.pad_id)
+        if len(taught) < len(examples):  # the other rows' prompts, right-padded, for the student's prefix
+            rest, rest_visible = pad([prompt(tok, e) for e in examples[len(taught):]], tok.pad_id)
             batch["prompts"] = {"ids": rest, "visible": rest_visible}
         if self.probe:
             batch["probes"] = [self._probe_batch(tok, examples, k, student["labels"]) for k in range(self.active)]
