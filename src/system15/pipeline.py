@@ -95,14 +95,9 @@ def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
     the best on validation becomes runs/<name>/latent, every score is recorded."""
     rules = [config.latent.align] + ([r for r in METHOD_ALIGN_RULES if r != config.latent.align]
                                     if config.latent.compare_align else [])
-    scores = {}
-    for rule in rules:
-        cfg = dataclasses.replace(config, latent=dataclasses.replace(config.latent, align=rule))
-        name = f"latent-{rule}"
-        train_rung(cfg, "latent", splits, runs_dir, run_name=name)
-        scores[rule] = _best_score(runs_dir / name)
+    scores = _train_candidates(config, "latent", splits, runs_dir, "latent", "align", rules, _rule_run)
     chosen = max(scores, key=scores.get)
-    return _keep(config, "latent", runs_dir, f"latent-{chosen}"), {**scores, "chosen": chosen}
+    return _keep(config, "latent", runs_dir, _rule_run(chosen)), {**scores, "chosen": chosen}
 
 
 def train_stage2(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict | None]:
@@ -113,17 +108,33 @@ def train_stage2(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningMo
     grid = config.shortcut.mu_grid
     if not grid:
         return train_rung(config, "system15", splits, runs_dir), None
-    scores = {}
-    for mu in grid:
-        cfg = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, mu=mu))
-        name = f"system15-mu_{mu:g}"
-        train_rung(cfg, "system15", splits, runs_dir, run_name=name)
-        scores[mu] = _best_score(runs_dir / name)
+    scores = _train_candidates(config, "system15", splits, runs_dir, "shortcut", "mu", grid, _mu_run)
     stage1 = _best_score(runs_dir / "latent")
     chosen = choose_mu(scores, stage1, config.shortcut.mu_tolerance)
-    model = _keep(config, "system15", runs_dir, f"system15-mu_{chosen:g}")
+    model = _keep(config, "system15", runs_dir, _mu_run(chosen))
     return model, {"scores": {f"{mu:g}": acc for mu, acc in scores.items()}, "stage1": stage1,
                    "tolerance": config.shortcut.mu_tolerance, "chosen": chosen}
+
+
+def _rule_run(rule: str) -> str:
+    return f"latent-{rule}"
+
+
+def _mu_run(mu: float) -> str:
+    return f"system15-mu_{mu:g}"
+
+
+def _train_candidates(config: RunConfig, method: str, splits, runs_dir: Path, section: str, key: str,
+                      values, run_name) -> dict:
+    """Train `method` once per value of the setting `<section>.<key>`, each into
+    runs/<name>/<run_name(value)> (or load it, as `train_rung` does); value -> its best
+    validation accuracy. Stage 1's rules and stage 2's weights are chosen among these."""
+    scores = {}
+    for value in values:
+        cfg = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{key: value})})
+        train_rung(cfg, method, splits, runs_dir, run_name=run_name(value))
+        scores[value] = _best_score(runs_dir / run_name(value))
+    return scores
 
 
 def choose_mu(scores: dict[float, float], stage1: float, tolerance: float) -> float:
