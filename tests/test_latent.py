@@ -167,6 +167,34 @@ def test_probe_targets_every_segment_result_or_only_the_last(examples):
         assert every.split() == ["####", *e.results] and last.split() == ["####", e.results[-1]]
 
 
+def test_live_probe_targets_are_the_values_a_latent_step_hands_on():
+    """probe_results = live: after latent step k, every result up to its segment's end that a
+    later step reads, the most recent first. Two independent results that a later step
+    combines are both asked for; a result only its own segment used is not; the last step
+    hands on the answer."""
+    from system15.data import Example, Step
+    from system15.data.synthetic import SyntheticTask
+    from system15.layout import segment_live
+
+    def example(*notes):
+        steps = tuple(Step(n, n[2:-2].rpartition("=")[2], critical=False) for n in notes)
+        return Example("q", steps, steps[-1].result)
+
+    model = tiny_model([SyntheticTask(n_steps=4).generate(1, seed=0)[0]])
+    tok = model.tokenizer
+    both = encode(tok, example("<<6+6=12>>", "<<8-7=1>>", "<<12-1=11>>", "<<11+7=18>>"))  # c, f, then g=c-f
+    chained = encode(tok, example("<<9+3=12>>", "<<12-2=10>>", "<<10-9=1>>", "<<1+7=8>>"))  # c, d=c-2, ...
+    assert segment_live(both, 2) == [["1", "12"], ["18"]]
+    assert segment_live(chained, 2) == [["10"], ["8"]]
+    assert segment_live(chained, 4) == [["12"], ["10"], ["1"], ["8"]]
+    prose = encode(tok, Example("q", (Step("6 eggs", "6", False), Step("+ 2", "8", True)), "8"))
+    assert segment_live(prose, 2) == [["6"], ["8"]]  # not calculator notes: the last result
+    obj = LatentDistillation(tiny_config(**{"latent.K": 2, "latent.probe": 1.0, "latent.probe_results": "live"}))
+    first, _ = obj.collate(model, [both, chained])["probes"]
+    asked = [tok.decode([t for t in row.tolist() if t != IGNORE]).split() for row in first["labels"]]
+    assert asked == [["####", "1", "12"], ["####", "10"]]
+
+
 def test_the_last_probe_is_read_off_the_answer_tail(examples):
     """After the last latent step the probe's branch would repeat the answer tail's first
     tokens from the same cache; its NLL read off the tail is the branch's own."""
@@ -287,12 +315,42 @@ def test_a_teacher_on_part_of_the_batch(examples, family, rule):
     assert got["teacher_nll"] != pytest.approx(all_rows["teacher_nll"], rel=1e-3)
 
 
+def test_prompt_grad_taught_runs_the_untaught_prompts_without_gradient(examples, monkeypatch):
+    """latent.prompt_grad = taught: the rows without a teacher run their prompts without
+    gradient. The loss is the same as with "all", the gradients are not, and the prompt
+    pass hands the student keys and values that carry no graph."""
+    import system15.train.stage1 as stage1
+
+    model = tiny_model(examples)
+    rows = encoded(model, examples[:6])
+    passes = []
+    real_pass = stage1.prompt_pass
+    monkeypatch.setattr(stage1, "prompt_pass", lambda m, b: passes.append(real_pass(m, b)) or passes[-1])
+
+    def run(grad):
+        obj = LatentDistillation(tiny_config(**{"latent.teacher_rows": 0.5, "latent.prompt_grad": grad}))
+        model.zero_grad()
+        loss, metrics = obj.loss(model, obj.collate(model, rows))
+        loss.backward()
+        cache = passes[-1][0]
+        return metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None], cache.keys[0].requires_grad
+
+    all_metrics, all_grads, all_tracked = run("all")
+    taught_metrics, taught_grads, taught_tracked = run("taught")
+    assert all_tracked and not taught_tracked
+    for key, value in all_metrics.items():
+        assert taught_metrics[key] == pytest.approx(value, rel=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(all_grads, taught_grads))
+
+
 def test_teacher_rows_must_be_a_share():
     from system15.config import ConfigError, load_config
 
     for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match="latent.teacher_rows"):
             load_config(None, [f"latent.teacher_rows={bad}"])
+    with pytest.raises(ConfigError, match="latent.prompt_grad"):
+        load_config(None, ["latent.prompt_grad=none"])
 
 
 def test_stacked_caches_keep_each_rows_keys_and_hide_the_padding():

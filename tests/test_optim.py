@@ -13,7 +13,7 @@ from torch import nn
 
 from system15.config import ConfigError, TrainConfig
 from system15.train.loop import fit
-from system15.train.optim import MuonAdamW, build_optimizer, hidden_matrices, orthogonalise
+from system15.train.optim import MuonAdamW, build_optimizer, fused_blocks, hidden_matrices, orthogonalise
 
 from conftest import tiny_config, tiny_model
 from tiny_run import tiny_config as tiny_run_config
@@ -75,6 +75,44 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(examples, family):
     per_layer = 4 if family == "gpt2" else 7  # c_attn c_proj c_fc mlp.c_proj | q k v o gate up down
     assert len(muon) == per_layer * model.num_layers + 2
     assert scales == [4.0 if g["muon"] else 1.0 for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_a_split_matrix_steps_each_block_as_a_matrix_of_its_own(blocks):
+    """muon_qkv: split. A d x 3d matrix with "blocks": 3 moves each d x d block by an
+    orthogonalised step of its own (all its singular values near one, scaled for a d x d
+    matrix); fused, the blocks share one orthogonalisation and none of them is orthogonal."""
+    torch.manual_seed(0)
+    d = 16
+    weight = nn.Parameter(torch.zeros(d, 3 * d))
+    scales = torch.tensor([1.0, 10.0, 100.0]).repeat_interleave(d)  # blocks of very different size
+    weight.grad = torch.randn(d, 3 * d) * scales
+    group = {"params": [weight], "muon": True, **({"blocks": blocks} if blocks > 1 else {})}
+    MuonAdamW([group], lr=1.0, weight_decay=0.0).step()
+    for i, block in enumerate(weight.detach().chunk(3, dim=-1)):
+        s = torch.linalg.svdvals(-block / (0.2 * d ** 0.5 if blocks == 3 else 0.2 * (3 * d) ** 0.5))
+        if blocks == 3:
+            assert s.min() > 0.6 and s.max() < 1.25, s
+        elif i == 0:
+            assert s.max() < 0.3, s  # the small block is swamped by the large ones
+
+
+def test_split_qkv_puts_gpt2s_fused_attention_matrices_in_a_group_of_their_own(examples, family):
+    model = tiny_model(examples, family)
+    trainable = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    fused, _ = build_optimizer(model, trainable, TrainConfig(optimizer="muon"))
+    split, scales = build_optimizer(model, trainable, TrainConfig(optimizer="muon", muon_qkv="split"))
+    assert all("blocks" not in g for g in fused.param_groups)
+    in_blocks = [p for g in split.param_groups if g.get("blocks") == 3 for p in g["params"]]
+    if family == "gpt2":
+        assert {id(p) for p in in_blocks} == {id(layer.attn.c_attn.weight) for layer in model.backbone.layers}
+        assert scales == [4.0, 4.0, 1.0]
+    else:  # Llama's q, k and v are separate matrices already
+        assert not in_blocks and fused_blocks(model) == {}
+    # the same parameters either way, each once
+    assert sorted(id(p) for g in split.param_groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    with pytest.raises(ConfigError, match="train.muon_qkv"):
+        TrainConfig(optimizer="muon", muon_qkv="heads")
 
 
 def test_a_group_multiplier_carries_into_both_of_its_halves(examples):

@@ -42,3 +42,20 @@ def test_bars_need_their_rows_and_ablations_get_none():
     summary = {"rows": rows(0.5), "ablation": "configs/ablations/x.yaml"}
     assert not any("bars" in p for p in notes(summary))
     assert "bars" in notes({"rows": rows(0.5)})[0]
+
+
+def test_accuracy_by_chain_shape_groups_test_records_by_their_critical_steps():
+    from system15.data import Example, Step
+    from system15.evaluate import Record, accuracy_by_shape
+    from system15.report import markdown_table
+
+    def example(i, shape):
+        return Example("q", tuple(Step("s", "1", c == "C") for c in shape), "1", f"t:{i}")
+
+    examples = [example(0, "nCC"), example(1, "nCC"), example(2, "nCC"), example(3, "nnC")]
+    records = [Record(e.source, "1", "1", right, 3, 3, 0) for e, right in zip(examples, (True, True, False, False))]
+    shapes = accuracy_by_shape(records, examples)
+    assert shapes == {"nCC": 2 / 3, "nnC": 0.0} and list(shapes) == ["nCC", "nnC"]  # the most frequent first
+    assert accuracy_by_shape(records, examples, most=1) is None
+    table = markdown_table([{"method": "latent", "accuracy_by_shape": shapes}])
+    assert "| latent | nCC 67% / nnC 0% |" in table

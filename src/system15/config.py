@@ -103,10 +103,11 @@ class LatentConfig:
     align: str = _f("segment", "segment: last-layer state at the end of the CoT segment each latent step covers | codi: every layer, position before the answer, normalised by the teacher's std | segment_layers: the segment rule at every layer, normalised as codi")
     align_scale: str = _f("std", "what the normalised rules (codi, segment_layers) divide a layer's differences by: std (one std of the teacher's states at that layer, CODI's) | dim (each hidden dimension's own std over the batch, floored at a tenth of the layer's)")
     probe: float = _f(0.0, "stage 1: weight of the auxiliary loss that makes latent step k decode its segment's results (0 = off)")
-    probe_results: str = _f("all", "stage 1 probe targets after latent step k: all (every result of its segment, teacher-forced in order) | last (only the segment's last result, the one the next step builds on)")
+    probe_results: str = _f("all", "stage 1 probe targets after latent step k: all (every result of its segment, teacher-forced in order) | last (only the segment's last result, the one the next step builds on) | live (every result up to the segment's end that a later step reads, the most recent first: what the latent state must hand on)")
     warm_start: float = _f(0.0, "stage 1: fraction of training in which latent steps replace the CoT segments one at a time (0 = off)")
     teacher_inputs: float = _f(0.0, "stage 1: chance that latent step k > 1 of an example starts from the teacher's last-layer state at the end of segment k-1 (stop-gradient) instead of its own step k-1 (0 = off)")
     teacher_rows: float = _f(1.0, "stage 1: share of each batch the teacher runs on (its CoT NLL, the alignment targets); the student runs on every row, and rows without a teacher run only their prompt for it (1 = every row)")
+    prompt_grad: str = _f("all", "stage 1, with teacher_rows < 1: all (the student's losses train every row's prompt pass) | taught (only the taught rows' prompts, shared with the teacher's pass, get gradient; the other rows run their prompts without it, which saves their backward pass)")
     compare_align: bool = _f(False, "stage 1: also train with method.md's rules (segment, codi) besides latent.align; keep the best on validation")
     projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
     projection_lr: float = _f(1.0, "stage 1: P's learning rate as a multiple of the stage's (P starts from random weights, the backbone from CoT-SFT)")
@@ -121,11 +122,13 @@ class LatentConfig:
         _in_unit(self.warm_start, "latent.warm_start")
         _in_unit(self.teacher_inputs, "latent.teacher_inputs")
         _check(0 < self.teacher_rows <= 1, "latent.teacher_rows", f"must be in (0, 1], got {self.teacher_rows}")
+        _check(self.prompt_grad in ("all", "taught"), "latent.prompt_grad", f"must be all or taught, got {self.prompt_grad!r}")
         _check(self.projection_lr > 0, "latent.projection_lr", f"must be > 0, got {self.projection_lr}")
         _check(self.projection_hidden >= 0, "latent.projection_hidden", "must be >= 0 (0 = model width)")
         _check(self.align in ALIGN_RULES, "latent.align", f"unknown rule {self.align!r}; choose from {ALIGN_RULES}")
         _check(self.align_scale in ("std", "dim"), "latent.align_scale", f"must be std or dim, got {self.align_scale!r}")
-        _check(self.probe_results in ("all", "last"), "latent.probe_results", f"must be all or last, got {self.probe_results!r}")
+        _check(self.probe_results in ("all", "last", "live"), "latent.probe_results",
+               f"must be all, last or live, got {self.probe_results!r}")
         _check(self.pause_K >= 0 and self.coconut_c >= 1 and self.coconut_stages >= 1, "latent", "pause_K >= 0, coconut_c >= 1, coconut_stages >= 1")
 
 
@@ -165,6 +168,9 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw | muon (Muon on the hidden weight matrices at muon_lr, AdamW on embeddings, "
                                  "head, norms and biases at lr; train/optim.py)")
     muon_lr: float = _f(0.004, "peak learning rate of the Muon matrices (optimizer: muon), same schedule")
+    muon_qkv: str = _f("fused", "how Muon steps GPT-2's fused attention input matrix c_attn: fused (one matrix) | "
+                                "split (its query, key and value blocks each orthogonalised on their own, as Llama's "
+                                "separate q/k/v are)")
     warmup: int = _f(100, "warm-up steps")
     decay: str = _f("cosine", "the decay's shape after warm-up: cosine | linear")
     lr_floor: float = _f(0.1, "where the decay ends, as a fraction of the peak (0..1)")
@@ -181,6 +187,7 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.optimizer in ("adamw", "muon"), "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         _check(self.muon_lr > 0, "train.muon_lr", "must be > 0")
+        _check(self.muon_qkv in ("fused", "split"), "train.muon_qkv", f"must be fused or split, got {self.muon_qkv!r}")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.warmup >= 0 and self.grad_clip >= 0, "train", "warmup and grad_clip must be >= 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -76,6 +76,25 @@ def accuracy(records: list[Record]) -> float:
     return sum(r.correct for r in records) / max(1, len(records))
 
 
+def chain_shape(ex: Example) -> str:
+    """A chain's steps as letters: C for a critical step, n for a non-critical one ("nnCC")."""
+    return "".join("C" if step.critical else "n" for step in ex.steps)
+
+
+def accuracy_by_shape(records: list[Record], examples: list[Example], most: int = 6) -> dict[str, float] | None:
+    """Accuracy per chain shape (`chain_shape`), the most frequent shape first; None where the
+    examples have more than `most` shapes (GSM8K's chains are too varied to group this way)."""
+    shapes = {ex.source: chain_shape(ex) for ex in examples}
+    counts: dict[str, list[int]] = {}
+    for r in records:
+        count = counts.setdefault(shapes[r.source], [0, 0])
+        count[0] += r.correct
+        count[1] += 1
+    if len(counts) > most:
+        return None
+    return {shape: right / n for shape, (right, n) in sorted(counts.items(), key=lambda kv: -kv[1][1])}
+
+
 def summarize(records: list[Record]) -> dict:
     n = max(1, len(records))
     steps = sum(r.decoding_steps for r in records)

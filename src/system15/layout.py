@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Example
+from .data.records import note_operands, parse_number
 from .tokenizer import Tokenizer
 
 IGNORE = -100
@@ -30,6 +31,7 @@ class Encoded:
     critical: list[bool]     # per reasoning step
     marker: int              # how many ids of `answer` are the "#### " marker
     results: tuple[str, ...] = ()  # per reasoning step, its result text
+    operands: tuple[frozenset | None, ...] = ()  # per reasoning step, the numbers it reads (None: not a note)
 
     @property
     def chain(self) -> list[int]:
@@ -40,7 +42,8 @@ def encode(tok: Tokenizer, ex: Example) -> Encoded:
     steps = [tok.encode((" " if i else "") + s.text) for i, s in enumerate(ex.steps)]
     marker = tok.encode("#### ")
     return Encoded(tok.encode(ex.question), steps, marker + tok.encode(ex.answer) + [tok.eos_id],
-                   [s.critical for s in ex.steps], len(marker), tuple(s.result for s in ex.steps))
+                   [s.critical for s in ex.steps], len(marker), tuple(s.result for s in ex.steps),
+                   tuple(note_operands(s.text) for s in ex.steps))
 
 
 def prompt(tok: Tokenizer, e: Encoded) -> list[int]:
@@ -73,6 +76,29 @@ def segment_results(e: Encoded, K: int) -> list[list[str]]:
     """The result texts of the CoT steps each of the K latent steps covers."""
     S = len(e.steps)
     return [list(e.results[(k - 1) * S // K: k * S // K]) for k in range(1, K + 1)]
+
+
+def segment_live(e: Encoded, K: int) -> list[list[str]]:
+    """For latent step k of K, the results it must hand on: those of the steps up to the end of
+    its segment whose values a step of a later segment reads (compared as `label_equations`
+    compares them), the most recent first. The last segment hands on the answer, its last
+    result; so does a segment when the later steps are not calculator notes or read none."""
+    S, out = len(e.steps), []
+    for k in range(1, K + 1):
+        lo, hi = (k - 1) * S // K, k * S // K
+        if hi == lo:
+            out.append([])
+            continue
+        later = list(e.operands[hi:])
+        live = []
+        if k < K and later and None not in later:
+            read = frozenset().union(*later)
+            for result in reversed(e.results[:hi]):
+                value = parse_number(result)
+                if value is not None and abs(value) in read and result not in live:
+                    live.append(result)
+        out.append(live or [e.results[hi - 1]])
+    return out
 
 
 def thought_critical(e: Encoded, K: int) -> list[bool]:

@@ -26,7 +26,8 @@ from .config import METHOD_ALIGN_RULES, METHODS, Ablation, RunConfig, load_confi
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
 from .engine import FULL, Route
-from .evaluate import Record, accuracy, evaluate, latency_breakdown, measure_latencies, records_as_dicts, summarize
+from .evaluate import (Record, accuracy, accuracy_by_shape, evaluate, latency_breakdown, measure_latencies, records_as_dicts,
+                       summarize)
 from .layout import encode
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
@@ -384,8 +385,11 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
             recs = evaluate_rung(cfg, method, model, test, run_dir, label=label)
         runs[label] = (model, K, route)
         rows.append({**_row(method, recs), "method": label, **_training_record(run_dir), "overrides": list(overrides)})
+        shapes = accuracy_by_shape(recs, test)
+        if shapes and method != "cot":
+            rows[-1]["accuracy_by_shape"] = shapes
         if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
-            which = "last" if cfg.latent.probe_results == "last" else "first"
+            which = "first" if cfg.latent.probe_results == "all" else "last"  # live: the most recent first
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
     with autocast(recipe):  # batch-1 timing of every row, in interleaved rounds
         ms = measure_latencies(runs, timing_set, max_new_tokens=recipe.task.max_new_tokens, rounds=recipe.eval.timing_rounds)

@@ -36,6 +36,7 @@ COLUMNS = [
     ("train_steps", "training steps", "{}"),
     ("train_seconds", "training seconds", "{:.0f}"),
     ("probe_readout", "probe read-out after latent step k", "{:.0%}"),
+    ("accuracy_by_shape", "accuracy by chain shape", "{:.0%}"),
     ("overrides", "overrides", "`{}`"),
 ]
 
@@ -55,7 +56,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _cell(value, fmt: str) -> str:
-    """A table cell: empty for missing or NaN values; lists are written item by item."""
+    """A table cell: empty for missing or NaN values; lists are written item by item, and
+    dicts key by key."""
+    if isinstance(value, dict):
+        return " / ".join(f"{key} {_cell(v, fmt)}" for key, v in value.items())
     if isinstance(value, list):
         return " / ".join(_cell(v, fmt) for v in value)
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -102,6 +102,18 @@ def extract_answer(generated_text: str) -> str | None:
     return answer if marker and answer else None
 
 
+def operands(expr: str) -> set[Fraction]:
+    """The numbers an expression reads, by absolute value (see `_OPERAND`)."""
+    return {parse_number(match) for match in _OPERAND.findall(expr)}
+
+
+def note_operands(step_text: str) -> frozenset[Fraction] | None:
+    """What a calculator-note step ('<<16-3-4=9>>') reads; None for a step written otherwise."""
+    if not (step_text.startswith("<<") and step_text.endswith(">>") and "=" in step_text):
+        return None
+    return frozenset(operands(step_text[2:-2].rpartition("=")[0]))
+
+
 def label_equations(exprs_results: list[tuple[str, str]]) -> list[bool]:
     """Critical labels for a chain of (expression, result) equations.
 
@@ -113,8 +125,7 @@ def label_equations(exprs_results: list[tuple[str, str]]) -> list[bool]:
     labels: list[bool] = []
     earlier: set[Fraction] = set()
     for expr, result in exprs_results:
-        operands = {parse_number(match) for match in _OPERAND.findall(expr)}
-        labels.append(bool(operands & earlier))
+        labels.append(bool(operands(expr) & earlier))
         value = parse_number(result)
         if value is not None:
             earlier.add(abs(value))

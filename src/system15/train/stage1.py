@@ -24,7 +24,9 @@ latent step k, a short teacher-forced branch must decode `#### <results of segme
 the latent path is made to carry the intermediate values themselves. With
 latent.probe_results = "all" the branch decodes every result of the segment in order, so a
 later result may lean on the earlier ones written as tokens; with "last" it decodes only the
-segment's last result, which the latent state must then hold on its own.
+segment's last result, which the latent state must then hold on its own; with "live" it
+decodes every result up to the segment's end that a later step reads (`layout.segment_live`),
+the most recent first, so a latent state that must hand on two values is asked for both.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 
 from ..backbone import KVCache
 from ..engine import prefill
-from ..layout import IGNORE, Encoded, cot_target, pad, prompt, segment_ends, segment_results, sequence_batch
+from ..layout import (IGNORE, Encoded, cot_target, pad, prompt, segment_ends, segment_live, segment_results,
+                      sequence_batch)
 from .objective import (Objective, example_nll, join_prefixes, layer_std, prompt_pass, prompt_prefix, sequence_forward,
                         teacher_force, thought_batch, thought_forward, thoughts_after_prompt)
 
@@ -45,15 +48,16 @@ class LatentDistillation(Objective):
     thought = "latent"
     settings = ("latent.K", "latent.alpha", "latent.align", "latent.align_scale", "latent.probe", "latent.probe_results",
                 "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden", "latent.projection_lr",
-                "latent.teacher_rows")
+                "latent.teacher_rows", "latent.prompt_grad")
 
     def __init__(self, config):
         self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
         self.scale = config.latent.align_scale
-        self.probe, self.probe_last = config.latent.probe, config.latent.probe_results == "last"
+        self.probe, self.probe_results = config.latent.probe, config.latent.probe_results
         self.warm_start, self.teacher_inputs = config.latent.warm_start, config.latent.teacher_inputs
         self.projection_lr = config.latent.projection_lr
         self.teacher_rows = config.latent.teacher_rows
+        self.prompt_grad = config.latent.prompt_grad
         self.active = self.K  # latent steps in use; fewer during the warm start
 
     def eval_K(self, config):
@@ -126,8 +130,11 @@ class LatentDistillation(Objective):
         tokens, so it is read off the tail pass ("tail_labels") and needs no branch of its own."""
         targets = []
         for e in examples:
-            results = segment_results(e, self.K)[k]
-            results = results[-1:] if self.probe_last else results
+            if self.probe_results == "live":
+                results = segment_live(e, self.K)[k]
+            else:
+                results = segment_results(e, self.K)[k]
+                results = results[-1:] if self.probe_results == "last" else results
             targets.append(tok.encode("#### " + " ".join(results)) if results else [])
         if k == self.active - 1 and all(tail_labels[row, : len(t)].tolist() == t for row, t in enumerate(targets)):
             labels = tail_labels.clone()
@@ -144,7 +151,9 @@ class LatentDistillation(Objective):
                                                     cache=teacher_cache)
         start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
         if "prompts" in batch:  # rows without a teacher: their prompts alone
-            start = join_prefixes(start, prompt_pass(model, batch["prompts"]))
+            with torch.set_grad_enabled(self.prompt_grad == "all"):
+                rest = prompt_pass(model, batch["prompts"])
+            start = join_prefixes(start, rest)
         forced = teacher_inputs(t_final, batch["segment_pos"], batch["K"], self.teacher_inputs) if self.teacher_inputs else None
         student = thought_forward(model, batch["student"], batch["K"], keep_layers=codi, start=start, forced=forced)
         if codi:
