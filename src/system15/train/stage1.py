@@ -118,24 +118,27 @@ class LatentDistillation(Objective):
             rest, rest_visible = pad([prompt(tok, e) for e in examples[len(taught):]], tok.pad_id)
             batch["prompts"] = {"ids": rest, "visible": rest_visible}
         if self.probe:
-            batch["probes"] = [self._probe_batch(tok, examples, k, student["labels"]) for k in range(self.active)]
+            asked = [self._probe_results(e) for e in examples]
+            batch["probes"] = [self._probe_batch(tok, [a[k] for a in asked], k, student["labels"])
+                               for k in range(self.active)]
         return batch
 
-    def _probe_batch(self, tok, examples, k, tail_labels):
-        """`<eot> #### <results of segment k>` for each example (empty segments get no target).
+    def _probe_results(self, e) -> list[list[str]]:
+        """Per latent step, the results its probe asks for (`latent.probe_results`)."""
+        if self.probe_results == "live":
+            return segment_live(e, self.K)
+        per_step = segment_results(e, self.K)
+        return [results[-1:] for results in per_step] if self.probe_results == "last" else per_step
+
+    def _probe_batch(self, tok, asked: list[list[str]], k, tail_labels):
+        """`<eot> #### <results asked for after latent step k>` for each example (an empty
+        segment asks for none, and gets no target).
 
         The branch after the last latent step starts from the cache the answer tail continues,
         and is fed the same `<eot>`. Where every example's target opens its tail's target (the
         last segment's last result is the answer), the probe's NLL is the tail's on those
         tokens, so it is read off the tail pass ("tail_labels") and needs no branch of its own."""
-        targets = []
-        for e in examples:
-            if self.probe_results == "live":
-                results = segment_live(e, self.K)[k]
-            else:
-                results = segment_results(e, self.K)[k]
-                results = results[-1:] if self.probe_results == "last" else results
-            targets.append(tok.encode("#### " + " ".join(results)) if results else [])
+        targets = [tok.encode("#### " + " ".join(results)) if results else [] for results in asked]
         if k == self.active - 1 and all(tail_labels[row, : len(t)].tolist() == t for row, t in enumerate(targets)):
             labels = tail_labels.clone()
             for row, t in enumerate(targets):
