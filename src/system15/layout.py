@@ -54,16 +54,22 @@ def cot_target(tok: Tokenizer, e: Encoded) -> list[int]:
     return e.chain + [tok.eot_id] + e.answer
 
 
+def segments(e: Encoded, K: int) -> list[range]:
+    """The CoT steps latent step k of K covers, for each k: [floor((k-1)S/K), floor(kS/K))
+    of the S steps (method.md). A segment may be empty."""
+    S = len(e.steps)
+    return [range((k - 1) * S // K, k * S // K) for k in range(1, K + 1)]
+
+
 def segment_ends(e: Encoded, K: int) -> list[int | None]:
     """For latent step k of K, the index within the chain of the last token of the CoT
-    segment it covers: steps [floor((k-1)S/K), floor(kS/K)). None when the segment is empty."""
-    S, ends, offset, cum = len(e.steps), [], 0, []
+    segment it covers (`segments`). None when the segment is empty."""
+    ends, offset, cum = [], 0, []
     for step in e.steps:
         offset += len(step)
         cum.append(offset - 1)
-    for k in range(1, K + 1):
-        lo, hi = (k - 1) * S // K, k * S // K
-        ends.append(cum[hi - 1] if hi > lo else None)
+    for seg in segments(e, K):
+        ends.append(cum[seg[-1]] if seg else None)
     return ends
 
 
@@ -74,8 +80,7 @@ def answer_critical(e: Encoded) -> list[bool]:
 
 def segment_results(e: Encoded, K: int) -> list[list[str]]:
     """The result texts of the CoT steps each of the K latent steps covers."""
-    S = len(e.steps)
-    return [list(e.results[(k - 1) * S // K: k * S // K]) for k in range(1, K + 1)]
+    return [[e.results[i] for i in seg] for seg in segments(e, K)]
 
 
 def segment_live(e: Encoded, K: int) -> list[list[str]]:
@@ -83,12 +88,12 @@ def segment_live(e: Encoded, K: int) -> list[list[str]]:
     its segment whose values a step of a later segment reads (compared as `label_equations`
     compares them), the most recent first. The last segment hands on the answer, its last
     result; so does a segment when the later steps are not calculator notes or read none."""
-    S, out = len(e.steps), []
-    for k in range(1, K + 1):
-        lo, hi = (k - 1) * S // K, k * S // K
-        if hi == lo:
+    out = []
+    for k, seg in enumerate(segments(e, K), start=1):
+        if not seg:
             out.append([])
             continue
+        hi = seg.stop
         later = list(e.operands[hi:])
         live = []
         if k < K and later and None not in later:
@@ -103,8 +108,7 @@ def segment_live(e: Encoded, K: int) -> list[list[str]]:
 
 def thought_critical(e: Encoded, K: int) -> list[bool]:
     """Latent step k is critical when any CoT step it covers is (method.md)."""
-    S = len(e.steps)
-    return [any(e.critical[(k - 1) * S // K: k * S // K]) for k in range(1, K + 1)]
+    return [any(e.critical[i] for i in seg) for seg in segments(e, K)]
 
 
 def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
