@@ -74,6 +74,7 @@ def test_unknown_key_suggests_the_known_one(tmp_path):
     ("backbone.source=tpu", "backbone.source"),
     ("latent.KK=3", "latent.KK"),
     ("latent.probe_results=first", "latent.probe_results"),
+    ("stages.latent.ema=1", "train.ema"),
 ])
 def test_impossible_override_names_overrides_and_key(override, key):
     refused(None, [override], "overrides", key)

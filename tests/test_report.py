@@ -59,3 +59,16 @@ def test_accuracy_by_chain_shape_groups_test_records_by_their_critical_steps():
     assert accuracy_by_shape(records, examples, most=1) is None
     table = markdown_table([{"method": "latent", "accuracy_by_shape": shapes}])
     assert "| latent | nCC 67% / nnC 0% |" in table
+
+
+def test_the_stage1_average_is_reported_against_its_own_weights():
+    from system15.report import markdown_table
+
+    average = {"ema": 0.98, "step": 1500, "valid_own": 0.84, "test_own": 0.868, "valid_average": 0.89, "test_average": 0.888}
+    said = notes({"rows": rows(0.888), "stage1_average": average})
+    assert ("Stage-1 weight average (`train.ema` 0.98), at its last step (1500): 88.8% on test against 86.8% for the "
+            "weights training ended with; 89.0% against 84.0% on validation.") in said
+    assert not any("weight average" in p for p in notes({"rows": rows(0.888), "stage1_average": None}))
+    table = markdown_table([{"method": "latent: x", "accuracy": 0.888, "accuracy_without_average": 0.868}])
+    assert table.splitlines()[0] == "| method | accuracy | without the weight average |"
+    assert table.splitlines()[2] == "| latent: x | 88.8% | 86.8% |"

@@ -135,8 +135,13 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
 
 
-def save_training_state(directory: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> Path:
-    """Model weights, optimizer state, RNG and loop counters in one sealed folder."""
+AVERAGE = "average.safetensors"  # a training checkpoint's weight average (train.ema), when the run keeps one
+
+
+def save_training_state(directory: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict,
+                        average: dict[str, torch.Tensor] | None = None) -> Path:
+    """Model weights, optimizer state, RNG, loop counters and (when given) the weight average
+    in one sealed folder."""
     from safetensors.torch import save_model
 
     def fill(tmp: Path) -> None:
@@ -145,6 +150,8 @@ def save_training_state(directory: str | os.PathLike, model: torch.nn.Module, op
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer": meta}, indent=1))
+        if average is not None:
+            save_file(average, str(tmp / AVERAGE))
 
     return write_atomic(directory, fill)
 
@@ -159,6 +166,14 @@ def load_training_state(directory: str | os.PathLike, model: torch.nn.Module, op
     load_optimizer(opt, load_file(str(d / "optimizer.safetensors")), state.pop("optimizer"))
     torch.set_rng_state(load_file(str(d / "rng.safetensors"))["torch"])
     return state
+
+
+def load_average(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weight average a training checkpoint keeps (already verified by load_training_state)."""
+    path = Path(directory) / AVERAGE
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; the run averages its weights (train.ema) but this checkpoint has no average")
+    return load_file(str(path))
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -11,6 +11,7 @@ checkpoint). Timing of all methods happens in the same run, batch size by batch 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_good, write_text_atomic
+from .checkpoint import latest_good, load_average, write_text_atomic
 from .config import METHOD_ALIGN_RULES, METHODS, Ablation, RunConfig, load_config
 from .data import Example, SyntheticTask, load_task
 from .distributed import shard_map
@@ -322,6 +323,8 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         "rows": rows,
         "stage1_align": choices.get("latent"),
         "stage2_mu": choices.get("system15"),
+        "stage1_average": (average_worth(config, "latent", runs_dir / _rule_run(choices["latent"]["chosen"]), models["latent"], splits)
+                           if "latent" in models else None),
         "system15_latency_parts": explained,
         "wall_seconds_this_run": seconds,
         "test_examples": len(splits["test"]),
@@ -338,6 +341,32 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
     write_text_atomic(out_dir / "records.json", json.dumps(records))
     write_summary(out_dir, summary)
     return summary
+
+
+def average_worth(config: RunConfig, method: str, run_dir: Path, model: ReasoningModel, splits) -> dict | None:
+    """What `train.ema` bought a run, measured on the run itself: at its last checkpoint, the
+    weight average against the weights training ended with (the same step, so the same
+    trajectory), each decoded on validation and test as the rung is. None when the run keeps
+    no average."""
+    ckpt = latest_good(run_dir) if config.stage(method).ema else None
+    if ckpt is None:
+        return None
+    from safetensors.torch import load_model
+
+    own = copy.deepcopy(model)
+    load_model(own, str(ckpt / "model.safetensors"))
+    averaged = copy.deepcopy(own)
+    unexpected = averaged.load_state_dict(load_average(ckpt), strict=False).unexpected_keys
+    if unexpected:
+        raise KeyError(f"{ckpt}: the average holds weights the model lacks: {unexpected[:3]}")
+    K, route = objective_for(method, config).eval_K(config), route_for(method, config)
+    out = {"ema": config.stage(method).ema, "step": int(ckpt.name.split("-")[-1])}
+    for name, weights in (("own", own), ("average", averaged)):
+        for split in ("valid", "test"):
+            with autocast(config):
+                out[f"{split}_{name}"] = accuracy(evaluate(weights, splits[split], K=K, route=route, batch_size=config.eval.batch_size,
+                                                           max_new_tokens=config.task.max_new_tokens))
+    return out
 
 
 def _backbone_name(config: RunConfig) -> str:
@@ -388,6 +417,9 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         shapes = accuracy_by_shape(recs, test)
         if shapes and method != "cot":
             rows[-1]["accuracy_by_shape"] = shapes
+        worth = average_worth(cfg, method, run_dir, model, splits) if run_name else None
+        if worth:
+            rows[-1]["accuracy_without_average"] = worth["test_own"]
         if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
             which = "first" if cfg.latent.probe_results == "all" else "last"  # live: the most recent first
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)

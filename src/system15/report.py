@@ -19,6 +19,7 @@ from .checkpoint import write_text_atomic
 COLUMNS = [
     ("method", "method", "{}"),
     ("accuracy", "accuracy", "{:.1%}"),
+    ("accuracy_without_average", "without the weight average", "{:.1%}"),
     ("decoding_steps", "decoding steps", "{:.1f}"),
     ("flops_per_step", "FLOPs / step", "{:.3g}"),
     ("flops_reduction_vs_latent", "FLOPs reduction vs latent", "{:.2f}x"),
@@ -127,6 +128,11 @@ def notes(summary: dict) -> list[str]:
         out.append("Stage-1 alignment rules (validation accuracy): " +
                    ", ".join(f"{k}: {v:.1%}" for k, v in summary["stage1_align"].items() if isinstance(v, float)) +
                    f"; chosen: {summary['stage1_align'].get('chosen')}")
+    avg = summary.get("stage1_average")
+    if avg:
+        out.append(f"Stage-1 weight average (`train.ema` {avg['ema']:g}), at its last step ({avg['step']}): "
+                   f"{avg['test_average']:.1%} on test against {avg['test_own']:.1%} for the weights training ended with; "
+                   f"{avg['valid_average']:.1%} against {avg['valid_own']:.1%} on validation.")
     grid = summary.get("stage2_mu")
     if grid:
         out.append(f"Stage-2 compute weights mu (validation accuracy; stage 1: {grid['stage1']:.1%}): " +

@@ -19,9 +19,10 @@ from system15.train.objective import Objective
 from system15.train.sft import CoTSFT
 
 
-def tiny_config(steps: int = 40, batch: int = 8, eval_every: int = 10, seed: int = 0, n_train: int = 64) -> RunConfig:
+def tiny_config(steps: int = 40, batch: int = 8, eval_every: int = 10, seed: int = 0, n_train: int = 64,
+                ema: float = 0.0) -> RunConfig:
     """GPT-2 from scratch, 2 layers x 32 wide, on a small synthetic task."""
-    train = TrainConfig(steps=steps, batch_size=batch, lr=3e-3, warmup=5, eval_every=eval_every, seed=seed)
+    train = TrainConfig(steps=steps, batch_size=batch, lr=3e-3, warmup=5, eval_every=eval_every, seed=seed, ema=ema)
     return RunConfig(name="tiny", task=TaskConfig(n_train=n_train, n_valid=7, n_test=7, n_steps=2, max_new_tokens=24),
                      backbone=BackboneConfig(n_layer=2, n_embd=32, n_head=2, n_positions=128),
                      stages={"cot": train}, methods=["cot"])

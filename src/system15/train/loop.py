@@ -6,7 +6,9 @@ as 1 process x N*B, and the logged loss is the mean over all processes (the loss
 global batch). Checkpoints (checkpoint.py) are sealed and atomic; the model that scores
 best on validation is kept in `<run_dir>/best`, and `<run_dir>/done.json` marks the stage as
 finished so a ladder can skip it on a re-run. A NaN/inf loss or gradient stops the run
-before the optimizer step, so the last checkpoint is the last good state.
+before the optimizer step, so the last checkpoint is the last good state. With `train.ema`,
+validation and `best` read a moving average of the weights (average.py), and checkpoints keep
+it, so a resumed run goes on with the same average.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import (latest_good, load_training_state, prune, recover, save_training_state, verify, write_atomic,
-                          write_text_atomic)
+from ..checkpoint import (latest_good, load_average, load_training_state, prune, recover, save_training_state, verify,
+                          write_atomic, write_text_atomic)
 from ..config import TrainConfig
 from ..layout import Encoded
+from .average import WeightAverage
 from .objective import Objective
 from .optim import build_optimizer
 
@@ -181,6 +185,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     # run takes from its checkpoint (one saved before groups had multipliers has none)
     opt, lr_scales = build_optimizer(model, groups, cfg)
     wrapped, opt = accelerator.prepare(model, opt)
+    average = WeightAverage(model, params, cfg.ema) if cfg.ema else None
     main = accelerator.is_main_process
     state = {"step": 0, "best": -1.0, "best_step": -1, "seconds": 0.0}
     resumed = latest_good(run_dir)
@@ -189,6 +194,8 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         recover(run_dir / "best")
     if resumed is not None:
         state = load_training_state(resumed, model, opt)
+        if average is not None:
+            average.load(load_average(resumed), str(resumed))
         if main:
             truncate_log(run_dir / LOG_FILE, state["step"])
     elif main:
@@ -207,18 +214,20 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
 
     def evaluate_and_checkpoint(step: int) -> None:
         model.eval()
-        if validate is not None:
-            score = validate(model)
-            log({"step": step, "valid_accuracy": score})
-            if objective.replaces_best(score, state["best"]) and objective.selectable(step, cfg.steps):
-                state.update(best=score, best_step=step)
-                if main:
-                    write_atomic(run_dir / "best", model.save)
-        elif main:
-            write_atomic(run_dir / "best", model.save)
+        with average.applied() if average is not None else nullcontext():  # what validation and `best` see
+            if validate is not None:
+                score = validate(model)
+                log({"step": step, "valid_accuracy": score})
+                if objective.replaces_best(score, state["best"]) and objective.selectable(step, cfg.steps):
+                    state.update(best=score, best_step=step)
+                    if main:
+                        write_atomic(run_dir / "best", model.save)
+            elif main:
+                write_atomic(run_dir / "best", model.save)
         model.train()
         if main:
-            save_training_state(run_dir / "checkpoints" / f"step-{step:07d}", model, opt, state)
+            save_training_state(run_dir / "checkpoints" / f"step-{step:07d}", model, opt, state,
+                                average.tensors() if average is not None else None)
             prune(run_dir)
         accelerator.wait_for_everyone()
 
@@ -251,6 +260,8 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
             raise stop("gradient norm", norm, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update()
         step += 1
         state["step"] = step
         state["seconds"] = time.perf_counter() - began
