@@ -37,31 +37,62 @@ def test_every_recipe_loads(recipe):
     assert config.name
 
 
-def test_readme_numbers_come_from_the_results_files():
-    """Each results table in the README is the table of the summary.json it names, and each
-    notes block what summary.md says below that table."""
-    quoted = re.findall(r"<!-- results: (\S+) -->\n(.*?)\n<!-- /results -->", README, re.S)
-    assert quoted, "the README quotes no results"
+def test_readme_links_the_docs_pages():
+    pages = pages_quoting_results()
+    assert [p.name for p in pages[1:]] == ["stage1.md", "stage2.md"]
+    for page in pages[1:]:
+        assert f"](docs/{page.name})" in README, page
+
+
+def pages_quoting_results():
+    from system15.report import pages
+
+    return pages(ROOT)
+
+
+@pytest.mark.parametrize("page", [p.relative_to(ROOT).as_posix() for p in pages_quoting_results()])
+def test_page_numbers_come_from_the_results_files(page):
+    """Each results table on a page (the README, docs/*.md) is the table of the summary.json
+    it names, and each notes block what summary.md says below that table; the command that
+    regenerates it is on the same page."""
+    text = (ROOT / page).read_text()
+    quoted = re.findall(r"<!-- results: (\S+) -->\n(.*?)\n<!-- /results -->", text, re.S)
+    assert quoted, f"{page} quotes no results"
     for path, table in quoted:
         summary = json.loads((ROOT / path).read_text())
         assert table.strip() == markdown_table(summary["rows"]).strip(), path
-        assert summary["command"] in README, f"the command that regenerates {path} is not in the README"
-    for path, body in re.findall(r"<!-- notes: (\S+) -->\n(.*?)\n<!-- /notes -->", README, re.S):
+        assert summary["command"] in text, f"the command that regenerates {path} is not on {page}"
+    for path, body in re.findall(r"<!-- notes: (\S+) -->\n(.*?)\n<!-- /notes -->", text, re.S):
         assert body == "\n\n".join(notes(json.loads((ROOT / path).read_text()))), path
 
 
-def test_readme_figures_exist():
-    for figure in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", README):
-        assert (ROOT / figure).exists(), figure
+def test_every_results_folder_is_named_on_a_page():
+    text = "".join(page.read_text() for page in pages_quoting_results())
+    orphans = [p.parent.name for p in (ROOT / "results").glob("*/summary.json") if f"results/{p.parent.name}/" not in text]
+    assert orphans == [], "results that no page names"
+
+
+@pytest.mark.parametrize("page", [p.relative_to(ROOT).as_posix() for p in pages_quoting_results()])
+def test_page_figures_and_links_exist(page):
+    """Every figure and every relative link on a page points at a file that exists."""
+    text = (ROOT / page).read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)\)", text)
+    for target in targets:
+        if "://" not in target:
+            assert ((ROOT / page).parent / target).exists(), f"{page}: {target}"
 
 
 def test_results_commands_keep_the_readme_tables_in_step(tmp_path, monkeypatch):
-    """write_summary rewrites the README's table of the summary it writes, and nothing else."""
+    """write_summary rewrites the table of the summary it writes on every page that quotes it
+    (the README, docs/*.md), and nothing else."""
     from system15.report import write_summary
 
     readme = tmp_path / "README.md"
     other = "<!-- results: elsewhere/summary.json -->\n| old |\n<!-- /results -->"
     readme.write_text(f"# title\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n\nprose\n\n{other}\n")
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "levers.md"
+    doc.write_text("# levers\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n")
     rows = [{"method": "cot", "accuracy": 0.5, "decoding_steps": 3.0}]
     summary = {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows}
     monkeypatch.chdir(tmp_path)  # results commands run from the repository root; paths match as the README writes them
@@ -69,8 +100,9 @@ def test_results_commands_keep_the_readme_tables_in_step(tmp_path, monkeypatch):
     text = readme.read_text()
     assert f"<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n\nprose\n" in text
     assert "| stale |" not in text and other in text and text.startswith("# title\n")
+    assert doc.read_text() == f"# levers\n\n<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n"
     untouched = readme.read_text()
-    write_summary(tmp_path / "somewhere", summary, readme=readme)  # a path the README does not quote
+    write_summary(tmp_path / "somewhere", summary, to=[readme])  # a path the README does not quote
     assert readme.read_text() == untouched
 
 

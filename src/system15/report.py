@@ -119,7 +119,7 @@ def bars(rows: list[dict]) -> list[str]:
 def notes(summary: dict) -> list[str]:
     """What summary.md says below its table, as Markdown paragraphs: the bars (a ladder's
     run only), stage 1's alignment rules, the timing noise, System-1.5's batch-1 latency taken apart. The README
-    quotes them (`sync_readme`), so it never carries a figure of an older run."""
+    quotes them (`sync_page`), so it never carries a figure of an older run."""
     out, by = [], {r["method"]: r for r in summary["rows"]}
     met = [] if "ablation" in summary else bars(summary["rows"])  # an ablation's rows are variants, not the ladder
     if met:
@@ -163,9 +163,18 @@ def notes(summary: dict) -> list[str]:
     return out
 
 
-def write_summary(out_dir: str | Path, summary: dict, readme: str | Path | None = "README.md") -> Path:
-    """summary.json and summary.md in `out_dir`; and the `readme`'s blocks of this summary.json,
-    where it quotes them (see `sync_readme`), so the README stays in step with the results."""
+PAGES = ("README.md", "docs/*.md")  # the pages that quote results, from the folder a results command runs in
+
+
+def pages(root: str | Path = ".") -> list[Path]:
+    """The Markdown pages whose results blocks `write_summary` keeps in step (`PAGES`)."""
+    return [page for pattern in PAGES for page in sorted(Path(root).glob(pattern))]
+
+
+def write_summary(out_dir: str | Path, summary: dict, to: list[str | Path] | None = None) -> Path:
+    """summary.json and summary.md in `out_dir`; and the blocks of this summary.json on every
+    page that quotes them (`to`, default `pages()`; see `sync_page`), so the README and the
+    docs stay in step with the results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -174,27 +183,27 @@ def write_summary(out_dir: str | Path, summary: dict, readme: str | Path | None 
           "", table, "", f"Regenerate: `{summary['command']}`", ""]
     md += [line for p in paragraphs for line in (p, "")]
     write_text_atomic(out / "summary.md", "\n".join(md))
-    if readme is not None:
-        sync_readme(readme, out / "summary.json", {"results": table, "notes": "\n\n".join(paragraphs)})
+    for page in pages() if to is None else to:
+        sync_page(page, out / "summary.json", {"results": table, "notes": "\n\n".join(paragraphs)})
     return out / "summary.json"
 
 
-README_BLOCKS = ("results", "notes")  # <!-- results: PATH --> the table; <!-- notes: PATH --> what follows it
+BLOCKS = ("results", "notes")  # <!-- results: PATH --> the table; <!-- notes: PATH --> what follows it
 
 
-def sync_readme(readme: str | Path, summary_path: str | Path, blocks: dict[str, str]) -> bool:
-    """Replace each block the README quotes from `summary_path`, between
+def sync_page(page: str | Path, summary_path: str | Path, blocks: dict[str, str]) -> bool:
+    """Replace each block a Markdown page quotes from `summary_path`, between
     `<!-- KIND: <summary_path> -->` and `<!-- /KIND -->`, by `blocks[KIND]` (KIND one of
-    README_BLOCKS). The path is matched as written (relative to the folder the command runs
-    in). Returns whether the README changed; a README that is missing or quotes no such
-    block is left alone."""
-    readme = Path(readme)
-    if not readme.is_file():
+    BLOCKS). The path is matched as written (relative to the folder the command runs
+    in). Returns whether the page changed; a page that is missing or quotes no such block is
+    left alone."""
+    page = Path(page)
+    if not page.is_file():
         return False
-    text = new = readme.read_text()
+    text = new = page.read_text()
     for kind, body in blocks.items():
-        if kind not in README_BLOCKS:
-            raise ValueError(f"unknown README block {kind!r}; known: {README_BLOCKS}")
+        if kind not in BLOCKS:
+            raise ValueError(f"unknown block {kind!r}; known: {BLOCKS}")
         opening = f"<!-- {kind}: {Path(summary_path).as_posix()} -->\n"
         start = new.find(opening)
         if start < 0:
@@ -202,11 +211,11 @@ def sync_readme(readme: str | Path, summary_path: str | Path, blocks: dict[str, 
         begin = start + len(opening)
         end = new.find(f"\n<!-- /{kind} -->", begin - 1)  # begin - 1: an empty block's closing follows at once
         if end < 0:
-            raise ValueError(f"{readme}: the {kind} block for {summary_path} has no closing <!-- /{kind} -->")
+            raise ValueError(f"{page}: the {kind} block for {summary_path} has no closing <!-- /{kind} -->")
         new = new[:begin] + body + new[end:]
     if new == text:
         return False
-    write_text_atomic(readme, new)
+    write_text_atomic(page, new)
     return True
 
 
