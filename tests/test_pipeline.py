@@ -59,8 +59,16 @@ def test_system15_latency_is_taken_apart(ladder):
     assert 0 <= parts["layers_run_per_example"] <= parts["forwards_per_example"] * config.backbone.n_layer
     assert parts["rebuilt_ms"] > 0 and parts["measured_ms"] == s15["latency_ms"]
     assert parts["cot_rebuilt_ms"] * 1000 > parts["prefill_us"]  # CoT rebuilt from the same parts, chain included
+    # the bound that keeps critical steps' layers: their count is the records', and with
+    # fewer layers than every visited one it beats CoT rebuilt with every layer run
+    critical = parts["critical_layers_per_example"]
+    assert critical == s15["critical_layers_per_example"]
+    assert 0 < critical < parts["forwards_per_example"] * config.backbone.n_layer
+    floor_us = parts["prefill_us"] + parts["forwards_per_example"] * parts["step_outside_layers_us"] + critical * parts["full_layer_us"]
+    assert parts["speedup_vs_cot_if_only_critical_layers_ran"] == pytest.approx(parts["cot_rebuilt_ms"] * 1000 / floor_us, rel=1e-3)  # parts are kept to 0.1 µs
     md = (root / "results" / "tiny" / "summary.md").read_text()
-    assert "rebuilt from its parts" in md and "Against the bars set for the default task" in md
+    assert "rebuilt from its parts" in md and "critical steps ran all of theirs" in md
+    assert "Against the bars set for the default task" in md
 
 
 def test_markdown_and_figures_are_written(ladder):

@@ -109,6 +109,7 @@ def summarize(records: list[Record]) -> dict:
         "skip_frac_noncritical": sum(r.skipped_noncritical for r in records) / ln if ln else 0.0,
         "forwards_per_example": sum(r.forwards for r in records) / n,
         "layers_run_per_example": (lc + ln - skipped) / n,
+        "critical_layers_per_example": lc / n,
         "examples": len(records),
     }
 

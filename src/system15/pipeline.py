@@ -248,27 +248,32 @@ def _row(method: str, records) -> dict:
     """A results row: the summary of a method's records; skip fractions only where layers can skip."""
     row = {"method": method, **summarize(records)}
     if method != "system15":
-        row.pop("skip_frac_critical")
-        row.pop("skip_frac_noncritical")
+        for key in ("skip_frac_critical", "skip_frac_noncritical", "critical_layers_per_example"):
+            row.pop(key)
     return row
 
 
 def explain_latency(model: ReasoningModel, example: Example, row: dict, cot_row: dict) -> dict:
     """System-1.5's batch-1 latency rebuilt from its parts (evaluate.latency_breakdown) and the
-    counts in its results row, next to the measured figure; and the speedup over CoT it would
-    have if every skipped layer and every router cost nothing (an upper bound for this model).
-    The bound sets CoT, rebuilt from the same parts, against that floor, so both sides of the
-    ratio are timed in the same moment of a noisy machine."""
+    counts in its results row, next to the measured figure; and two upper bounds on its
+    speedup over CoT for this model: with every skipped layer and every router free (the
+    layers this run ran still run), and with every layer of every non-critical step free and
+    every critical step's layers run (what the bars allow if critical steps keep their
+    layers). The bounds set CoT, rebuilt from the same parts, against those floors, so both
+    sides of each ratio are timed in the same moment of a noisy machine."""
     parts = latency_breakdown(model, example)
     layer, outside = parts["full_layer_us"], parts["step_outside_layers_us"]
-    steps, run = row["forwards_per_example"], row["layers_run_per_example"]
+    steps, run, critical = row["forwards_per_example"], row["layers_run_per_example"], row["critical_layers_per_example"]
     visited = steps * model.num_layers
-    floor_us = parts["prefill_us"] + steps * outside + run * layer
+    base_us = parts["prefill_us"] + steps * outside
+    floor_us = base_us + run * layer
     skipped_us = (visited - run) * (parts["adapters_us"] + parts["kv_fill_us"]) + visited * parts["router_us"]
     cot_us = parts["prefill_us"] + cot_row["forwards_per_example"] * (outside + model.num_layers * layer)
     return {**{k: round(v, 1) for k, v in parts.items()}, "forwards_per_example": steps, "layers_run_per_example": run,
+            "critical_layers_per_example": critical,
             "rebuilt_ms": (floor_us + skipped_us) / 1000, "measured_ms": row["latency_ms"],
-            "cot_rebuilt_ms": cot_us / 1000, "speedup_vs_cot_if_skips_were_free": cot_us / floor_us}
+            "cot_rebuilt_ms": cot_us / 1000, "speedup_vs_cot_if_skips_were_free": cot_us / floor_us,
+            "speedup_vs_cot_if_only_critical_layers_ran": cot_us / (base_us + critical * layer)}
 
 
 def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, splits) -> list[dict]:

@@ -160,6 +160,10 @@ def notes(summary: dict) -> list[str]:
                    f"{parts['layers_run_per_example']:.1f} layers run over {parts['forwards_per_example']:.1f} steps per example. "
                    f"If skipped layers and routers cost nothing, the speedup over CoT (rebuilt from the same parts: "
                    f"{parts['cot_rebuilt_ms']:.1f} ms) would be at most {parts['speedup_vs_cot_if_skips_were_free']:.2f}x.")
+        if "speedup_vs_cot_if_only_critical_layers_ran" in parts:  # runs before 2026-12-05 lack it
+            out[-1] += (f" If every layer of every non-critical step were free and critical steps ran all of theirs "
+                        f"({parts['critical_layers_per_example']:.1f} layers per example), at most "
+                        f"{parts['speedup_vs_cot_if_only_critical_layers_ran']:.2f}x.")
     return out
 
 

@@ -276,7 +276,9 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         if out_of_time:
             break
     bar.close()
-    summary = {"method": objective.name, "steps": step, "seconds": round(state["seconds"], 1),
+    # milliseconds kept: rungs._cap_did_not_bind compares them with a cap, and a tiny run on a
+    # fast machine takes under the 0.05 s that a rounding to tenths would make 0.0
+    summary = {"method": objective.name, "steps": step, "seconds": round(state["seconds"], 3),
                "best_valid_accuracy": state["best"], "best_step": state["best_step"]}
     if main:
         write_text_atomic(run_dir / "done.json", json.dumps(summary, indent=2))
