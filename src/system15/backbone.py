@@ -234,23 +234,38 @@ class Backbone(nn.Module):
         projections and rotary embedding: the kv_policy="fill" cost of a skipped layer.
         Only the K/V columns are computed; the queries are never needed."""
         block = self.layers[layer]
-        shape = (*h_in.shape[:-1], -1, self.head_dim(layer))
         if self.family == "gpt2":
-            attn, norm = block.attn, block.ln_1
+            norm, proj, cols = self.kv_projection(layer)
             x = F.layer_norm(h_in, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-            cols = slice(attn.split_size, None)
-            kv = torch.addmm(attn.c_attn.bias[cols], x.reshape(-1, x.shape[-1]), attn.c_attn.weight[:, cols])
-            k, v = kv.view(*shape[:-2], 2, *shape[-2:]).unbind(-3)
-            return k.transpose(1, 2), v.transpose(1, 2)
+            kv = torch.addmm(proj.bias[cols], x.reshape(-1, x.shape[-1]), proj.weight[:, cols])
+            return self.split_kv(layer, kv, h_in.shape[:-1])
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = block.self_attn
+        shape = (*h_in.shape[:-1], -1, self.head_dim(layer))
         x = block.input_layernorm(h_in)
         k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape).transpose(1, 2)
         v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
         cos, sin = ctx.rotary
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         return k, v
+
+    def kv_projection(self, layer: int) -> tuple[nn.LayerNorm, nn.Module, slice] | None:
+        """GPT-2: the layer's input LayerNorm, its attention input projection (HF Conv1D,
+        weight [d, 3 H D]) and the slice of that projection's columns that are K and V, for
+        `shortcuts.Shortcuts.folded` to fold into one matrix over the normalised input the
+        router reads anyway. None for Llama: its RMSNorm does not normalise the way the
+        router's LayerNorm does, and its keys still need the rotary embedding."""
+        if self.family != "gpt2":
+            return None
+        block = self.layers[layer]
+        return block.ln_1, block.attn.c_attn, slice(block.attn.split_size, None)
+
+    def split_kv(self, layer: int, kv: torch.Tensor, lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPT-2's K/V columns [N, 2 H D] for inputs of leading shape `lead` ([B, q]) as the
+        cache keeps them: keys and values, each [B, H, q, D]."""
+        k, v = kv.view(*lead, 2, -1, self.head_dim(layer)).unbind(-3)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def head_dim(self, layer: int) -> int:
         block = self.layers[layer]

@@ -60,6 +60,15 @@ def prefill(model, ids: torch.Tensor, visible: torch.Tensor):
     return cache, final[:, -1], [s[:, -1] for s in states], positions[:, -1] + 1
 
 
+def fill_kv(bb: Backbone, fold, layer: int, h: torch.Tensor, normed: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys/values a skipped layer writes under kv_policy "fill", for inputs h [N, 1, d]
+    that `fold.decide` normalised (`normed`, [N, d]): one product where the backbone's K/V
+    projection folds into the shortcut (GPT-2), the layer's own norm and projections elsewhere."""
+    if fold.kv is None:
+        return bb.layer_kv(layer, h, ctx)
+    return bb.split_kv(layer, fold.fill(normed), h.shape[:-1])
+
+
 def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     """One layer under the hard choice: f_l only on the rows whose score is <= lambda.
     `fold` is the layer's FoldedShortcut; h is [B, 1, d], h_prev [B, d].
@@ -67,7 +76,7 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     Returns (out, k, v, skipped, hidden): `skipped` is a list of bools, one per row, read
     from the logits in one host transfer (at batch 1 a layer is too cheap for more)."""
     x = h[:, 0]
-    act, logits = fold.decide(x)
+    normed, act, logits = fold.decide(x)
     skipped = [logit > route.threshold for logit in logits.view(-1).tolist()]
     if not any(skipped):
         out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
@@ -76,7 +85,7 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     if all(skipped):  # always so at batch 1 when the row skips: no gather/scatter
         out = fold.branch(x, act, h_prev)[:, None]
         if fill:
-            k, v = bb.layer_kv(layer, h, ctx)
+            k, v = fill_kv(bb, fold, layer, h, normed, ctx)
             return out, k, v, skipped, None
         k = torch.zeros_like(cache.keys[layer][:, :, :1])
         return out, k, torch.zeros_like(k), skipped, torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
@@ -91,7 +100,7 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     v = torch.zeros_like(k)
     k[run_rows], v[run_rows] = k_run, v_run
     if fill:
-        k[skip_rows], v[skip_rows] = bb.layer_kv(layer, h[skip_rows], ctx.rows(skip_rows))
+        k[skip_rows], v[skip_rows] = fill_kv(bb, fold, layer, h[skip_rows], normed[skip_rows], ctx.rows(skip_rows))
     return out, k, v, skipped, None if fill else skip[:, None]
 
 
@@ -109,7 +118,7 @@ def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
     if mode == "soft":
         shortcuts = model.shortcuts.layers
     elif mode == "hard":
-        shortcuts = folded or model.shortcuts.folded()
+        shortcuts = folded or model.shortcuts.folded(bb)
     layers, weights, hidden = [], [], []
     ran = [[True] * bb.num_layers for _ in range(batch)]
     for layer in range(bb.num_layers):
@@ -195,7 +204,7 @@ def generate(model, prompts: list[list[int]], *, K: int | None, route: Route = F
     ledger = _Ledger(model, gens, route) if account else None
     cache, last, prev, positions = prefill(model, ids, visible)
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    folded = model.shortcuts.folded() if model.shortcuts is not None and route.mode == "hard" else None
+    folded = model.shortcuts.folded(model.backbone) if model.shortcuts is not None and route.mode == "hard" else None
 
     def step(x):
         nonlocal last, prev, positions

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Example, answers_match, extract_answer
-from .engine import FULL, Generation, Route, generate, prefill
+from .engine import FULL, Generation, Route, fill_kv, generate, prefill
 from .layout import encode, prompt, thought_critical
 
 
@@ -153,7 +153,7 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     Needs a model with shortcuts (the router and adapters are timed too, in the folded form
     the hard choice runs: shortcuts.FoldedShortcut)."""
     model.eval()
-    tok, bb, fold = model.tokenizer, model.backbone, model.shortcuts.folded()[0]
+    tok, bb, fold = model.tokenizer, model.backbone, model.shortcuts.folded(model.backbone)[0]
     device = next(model.parameters()).device
     ids = torch.tensor([prompt(tok, encode(tok, example))], device=device)
     visible = torch.ones_like(ids, dtype=torch.bool)
@@ -161,7 +161,7 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     x = model.thought_input(0, last)
     h = bb.layer_input(x[:, None], positions[:, None])
     ctx = bb.context(h, positions[:, None], cache)
-    act = fold.decide(h[:, 0])[0]
+    normed, act, _ = fold.decide(h[:, 0])
 
     def outside_layers():
         hh = bb.layer_input(x[:, None], positions[:, None])
@@ -171,9 +171,9 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
     parts = {
         "prefill": lambda: prefill(model, ids, visible),
         "full_layer": lambda: bb.run_layer(0, h, ctx, cache),
-        "router": lambda: fold.decide(h[:, 0])[1].view(-1).tolist(),  # the decision, read on the host
+        "router": lambda: fold.decide(h[:, 0])[2].view(-1).tolist(),  # the decision, read on the host
         "adapters": lambda: fold.branch(h[:, 0], act, prev[0]),
-        "kv_fill": lambda: bb.layer_kv(0, h, ctx),
+        "kv_fill": lambda: fill_kv(bb, fold, 0, h, normed, ctx),
         "step_outside_layers": outside_layers,
     }
     for call in parts.values():

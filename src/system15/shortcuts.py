@@ -27,7 +27,10 @@ Inference goes one step further (`Shortcuts.folded`): each LayerNorm's scale and
 folded into the matrix after it, R_l's score and g_l's up-projection read the whole `read_in`
 output (zero weights over the other's units) so nothing is sliced, and the decision compares
 R_l's logit with logit(lambda_depth), so no sigmoid runs. A routed layer then costs five
-tensor operations for the decision and six more where it is skipped.
+tensor operations for the decision and six more where it is skipped. Given the backbone
+(GPT-2, whose input norm is a LayerNorm like norm_in), the fold also carries the layer's K/V
+projection with that norm folded in, so the kv_policy "fill" of a skipped layer is one
+product over the input the decision already normalised.
 """
 
 from __future__ import annotations
@@ -108,12 +111,20 @@ class FoldedShortcut(NamedTuple):
     write_depth: torch.Tensor   # [R+G, d]: g_l's up-projection, zero over R_l's units
     write_step: torch.Tensor    # [G, d]: g'_l's up-projection
     write_bias: torch.Tensor    # [d]
+    kv: torch.Tensor | None = None       # [d, 2 H D]: the layer's own K/V projection, its input norm folded in
+    kv_bias: torch.Tensor | None = None  # (GPT-2 only: Backbone.kv_projection; None elsewhere)
 
-    def decide(self, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(read_in's activations, R_l's logit [N, 1]); the row skips where logit > logit(lambda)."""
+    def decide(self, h_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_in normalised, read_in's activations, R_l's logit [N, 1]); the row skips where
+        logit > logit(lambda). The normalised input is what `fill` reads."""
         normed = F.layer_norm(h_in, h_in.shape[-1:], eps=self.eps)
         act = F.gelu(torch.addmm(self.read_bias, normed, self.read), approximate="tanh")
-        return act, torch.addmm(self.score_bias, act, self.score)
+        return normed, act, torch.addmm(self.score_bias, act, self.score)
+
+    def fill(self, normed: torch.Tensor) -> torch.Tensor:
+        """The K/V columns [N, 2 H D] the layer itself would write for the input `decide`
+        normalised (kv_policy "fill"), in one product; needs `kv` (GPT-2)."""
+        return torch.addmm(self.kv_bias, normed, self.kv)
 
     def branch(self, h_in: torch.Tensor, act: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
         """g_l(h_{l-1,t}) + g'_l(h_{l,t-1}), with `act` from `decide`."""
@@ -130,9 +141,17 @@ def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, tor
     return weight.contiguous(), linear.bias + norm.bias @ linear.weight.t()
 
 
-def _fold(sc: LayerShortcut) -> FoldedShortcut:
+def _fold(sc: LayerShortcut, kv_projection=None) -> FoldedShortcut:
+    """`kv_projection`: the backbone layer's (input LayerNorm, attention input projection, K/V
+    columns; `Backbone.kv_projection`), folded in as `kv` when the norm normalises as norm_in
+    does (same eps), so the fill shares decide's normalisation."""
     if sc.norm_in.eps != sc.norm_prev.eps:
         raise ValueError("folding needs one LayerNorm eps for both adapters")
+    kv = kv_bias = None
+    if kv_projection is not None and kv_projection[0].eps == sc.norm_in.eps:
+        norm, proj, cols = kv_projection
+        weight, bias = proj.weight[:, cols], proj.bias[cols]
+        kv, kv_bias = (weight * norm.weight[:, None]).contiguous(), bias + norm.bias @ weight
     read, read_bias = _fold_norm(sc.norm_in, sc.read_in)
     prev, prev_bias = _fold_norm(sc.norm_prev, sc.read_prev)
     hidden, width = sc.router_hidden, read.shape[1]
@@ -142,7 +161,7 @@ def _fold(sc: LayerShortcut) -> FoldedShortcut:
     write_depth = read.new_zeros(width, w_depth.shape[1])
     write_depth[hidden:] = w_depth
     return FoldedShortcut(sc.norm_in.eps, read, read_bias, score, sc.score.bias.clone(), prev, prev_bias,
-                          write_depth, w_step.contiguous(), sc.write.bias.clone())
+                          write_depth, w_step.contiguous(), sc.write.bias.clone(), kv, kv_bias)
 
 
 class Shortcuts(nn.Module):
@@ -152,17 +171,26 @@ class Shortcuts(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(LayerShortcut(width, bottleneck, router_hidden) for _ in range(num_layers))
         self._folded: tuple = ((), [])
+        self._watched: tuple = (object(), [], [])  # (backbone, its K/V projections, every tensor a fold reads)
 
     def __getitem__(self, i: int) -> LayerShortcut:
         return self.layers[i]
 
     @torch.no_grad()
-    def folded(self) -> list[FoldedShortcut]:
-        """Every layer's FoldedShortcut, rebuilt only when a parameter has changed since (an
-        optimizer step, a load, a move to another device)."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+    def folded(self, backbone=None) -> list[FoldedShortcut]:
+        """Every layer's FoldedShortcut, rebuilt only when a parameter it reads has changed
+        since (an optimizer step, a load, a move to another device). With `backbone`, each
+        also carries its layer's K/V projection where that folds (`Backbone.kv_projection`).
+        The parameters it reads are listed once per backbone (loads and moves change their
+        data and version, not the objects), so the check costs a pass over a list."""
+        if self._watched[0] is not backbone:
+            projections = [None] * len(self.layers) if backbone is None else [backbone.kv_projection(i) for i in range(len(self.layers))]
+            sources = [*self.parameters(), *(p for proj in projections if proj is not None for m in proj[:2] for p in m.parameters())]
+            self._watched = (backbone, projections, sources)
+        _, projections, sources = self._watched
+        key = tuple((p.data_ptr(), p._version) for p in sources)
         if key != self._folded[0]:
-            self._folded = (key, [_fold(sc) for sc in self.layers])
+            self._folded = (key, [_fold(sc, proj) for sc, proj in zip(self.layers, projections)])
         return self._folded[1]
 
 
