@@ -135,10 +135,10 @@ class FoldedShortcut(NamedTuple):
         return torch.addmm(out, act, self.write_depth)
 
 
-def _fold_norm(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear(norm(x)) = normalised(x) @ W + b: the norm's scale and shift moved into the linear."""
-    weight = linear.weight.t() * norm.weight[:, None]
-    return weight.contiguous(), linear.bias + norm.bias @ linear.weight.t()
+def _fold_norm(norm: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm(x) @ weight + bias = normalised(x) @ W + b: the norm's scale and shift moved into
+    the matrix after it (`weight` [in, out], as torch.addmm reads it)."""
+    return (weight * norm.weight[:, None]).contiguous(), bias + norm.bias @ weight
 
 
 def _fold(sc: LayerShortcut, kv_projection=None) -> FoldedShortcut:
@@ -150,10 +150,9 @@ def _fold(sc: LayerShortcut, kv_projection=None) -> FoldedShortcut:
     kv = kv_bias = None
     if kv_projection is not None and kv_projection[0].eps == sc.norm_in.eps:
         norm, proj, cols = kv_projection
-        weight, bias = proj.weight[:, cols], proj.bias[cols]
-        kv, kv_bias = (weight * norm.weight[:, None]).contiguous(), bias + norm.bias @ weight
-    read, read_bias = _fold_norm(sc.norm_in, sc.read_in)
-    prev, prev_bias = _fold_norm(sc.norm_prev, sc.read_prev)
+        kv, kv_bias = _fold_norm(norm, proj.weight[:, cols], proj.bias[cols])  # HF Conv1D: weight is [in, out]
+    read, read_bias = _fold_norm(sc.norm_in, sc.read_in.weight.t(), sc.read_in.bias)
+    prev, prev_bias = _fold_norm(sc.norm_prev, sc.read_prev.weight.t(), sc.read_prev.bias)
     hidden, width = sc.router_hidden, read.shape[1]
     score = read.new_zeros(width, 1)
     score[:hidden] = sc.score.weight.t()
