@@ -251,16 +251,16 @@ def test_a_rung_may_reshape_only_what_its_parent_never_trained(tiny, model_dir, 
 
     from system15.config import ConfigError
 
-    base = tiny[0].config
+    base = tiny_config(steps=3, batch=4)
     wider = dataclasses.replace(base, latent=dataclasses.replace(base.latent, projection_hidden=48, pause_K=3))
     assert tiny[0].method == "cot"
     loaded = load_reasoning_model(model_dir, wider)
     assert loaded.projection.net[0].weight.shape == (48, 32) and loaded.pause.shape == (3, 32)
-    assert loaded.config is wider
+    assert (loaded.spec.projection_hidden, loaded.spec.pause_K) == (48, 3)
     assert torch.equal(loaded.backbone.embed(torch.arange(5)), tiny[0].backbone.embed(torch.arange(5)))
     latent = Path(shutil.copytree(model_dir, tmp_path / "latent"))
-    meta = json.loads((latent / "model.json").read_text())
-    (latent / "model.json").write_text(json.dumps({**meta, "method": "latent"}))
+    meta = json.loads((latent / "system15.json").read_text())
+    (latent / "system15.json").write_text(json.dumps({**meta, "method": "latent"}))
     (latent / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="latent.projection_hidden"):
         load_reasoning_model(latent, wider)

@@ -1,8 +1,10 @@
 """The command line: every verb runs, help comes from the config, errors are one clear line."""
 
 import json
+import re
 
 import pytest
+import torch
 
 from system15.checkpoint import write_atomic
 from system15.cli import main
@@ -59,14 +61,18 @@ def test_eval_names_the_bad_line(tmp_path, capsys, examples):
     assert "bad.jsonl:2" in err
 
 
-def test_eval_refuses_a_threshold_out_of_range(tmp_path, capsys, examples):
-    model = tiny_model(examples, shortcuts=True)
-    model.method = "system15"
+@pytest.mark.parametrize("shortcuts", [True, False], ids=["system15", "latent"])
+@pytest.mark.parametrize("verb", ["eval", "explain"])
+def test_a_threshold_out_of_range_is_refused_for_every_model(tmp_path, capsys, examples, shortcuts, verb):
+    model = tiny_model(examples, shortcuts=shortcuts)
+    model.method = "system15" if shortcuts else "latent"
     model.save(tmp_path / "model")
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "a=1,b=2,c=a+b. c?", "answer": 3}\n')
-    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--lambda-depth", "1.5"]) == 2
-    assert "lambda-depth" in capsys.readouterr().err
+    where = ["--data", str(data)] if verb == "eval" else ["a=1,b=2,c=a+b. c?", "--png", str(tmp_path / "r.png")]
+    assert main([verb, "--model", str(tmp_path / "model"), *where, "--lambda-depth", "1.5"]) == 2
+    assert "lambda_depth: must lie in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "r.png").exists()
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
@@ -91,3 +97,19 @@ def test_a_finished_run_with_other_settings_is_a_clear_error(tmp_path, capsys, e
     err = capsys.readouterr().err
     assert str(run) in err and "latent.pause_K: trained with 5, asked for 2" in err
     assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_explain_prints_the_answer_and_the_routing_map_and_writes_its_picture(tmp_path, capsys, examples):
+    model = tiny_model(examples, shortcuts=True)
+    model.method, model.spec.K = "system15", 2
+    with torch.no_grad():  # open the routers of layer 2 wide: every step skips it, and only it
+        model.shortcuts[1].score.bias.fill_(9.0)
+    model.save(tmp_path / "model")
+    png = tmp_path / "map" / "routes.png"
+    assert main(["explain", "--model", str(tmp_path / "model"), examples[0].question, "--max-new-tokens", "3",
+                 "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert f"question: {examples[0].question}" in out and "decoding steps:" in out
+    rows = [m.group(1) for m in re.finditer(r"^\s+\d+\s+.*\s([#.]+)$", out, re.M)]
+    assert len(rows) >= 3 and all(row == "#.#" for row in rows), out
+    assert "layers skipped: " in out and png.stat().st_size > 1000

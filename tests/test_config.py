@@ -83,7 +83,12 @@ def test_impossible_override_names_overrides_and_key(override, key):
 
 def test_hf_source_with_missing_path_is_refused_before_loading(tmp_path):
     missing = tmp_path / "not-here"
-    refused(None, ["backbone.source=hf", f"backbone.path={missing}"], "backbone.path", str(missing), "does not exist")
+    refused(None, ["backbone.source=hf", f"backbone.path={missing}"], "backbone.path", str(missing),
+            "neither an existing folder nor a hub id")
+
+
+def test_hf_source_takes_a_hub_id_without_looking_it_up():
+    assert load_config(None, ["backbone.source=hf", "backbone.path=openai-community/gpt2"]).backbone.path == "openai-community/gpt2"
 
 
 def test_missing_recipe(tmp_path):

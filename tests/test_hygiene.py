@@ -78,7 +78,7 @@ def test_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, g
 def test_run_json_records_config_version_revision_and_seed(tmp_path):
     config = tiny_config(steps=2, eval_every=2, seed=7)
     model, objective, encoded, _ = tiny_setup(config)
-    fit(model, objective, encoded, config.stage("cot"), tmp_path / "run", quiet=True)
+    fit(model, objective, encoded, config.stage("cot"), tmp_path / "run", quiet=True, run_config=config.to_dict())
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["config"] == config.to_dict()
     assert record["train"] == vars(config.stage("cot"))

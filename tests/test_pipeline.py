@@ -109,7 +109,7 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     runs, test = root / "runs" / "tiny", load_splits(config)["test"]
     decoded = []
     real = pipeline.evaluate
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(k["K"]) or real(*a, **k))
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
     by_method = {r["method"]: r for r in summary["rows"]}
     for method in ("cot", "system15"):
         model = ladder_rung(config, method, load_splits(config), runs)
@@ -117,8 +117,9 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
         assert sum(r.correct for r in recs) / len(recs) == by_method[method]["accuracy"]
     assert decoded == []
     model = ladder_rung(config, "system15", load_splits(config), runs)
-    other = dataclasses.replace(config, shortcut=dataclasses.replace(config.shortcut, lambda_depth=0.9))
-    evaluate_rung(other, "system15", model, test, runs / "system15")  # another threshold
+    model.spec.lambda_depth = 0.9
+    evaluate_rung(config, "system15", model, test, runs / "system15")  # another threshold
+    model.spec.lambda_depth = config.shortcut.lambda_depth
     evaluate_rung(config, "system15", model, test[:5], runs / "system15")  # another test set
     (runs / "system15" / TEST_RECORDS).write_text('{"key": ')  # torn: decoded again, not an error
     evaluate_rung(config, "system15", model, test, runs / "system15")
@@ -157,7 +158,7 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     assert max(acc for _, acc in curve) == rows["latent: K=1"]["best_valid_accuracy"]
     decoded = []  # measured again: every rung's test records are reused, only the timing runs
     real = pipeline.evaluate
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(k["K"]) or real(*a, **k))
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
     again = run_ablation(load_ablation(root / "levers.yaml"), runs_root=root / "runs", results_root=root / "results")
     assert decoded == [] and [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in summary["rows"]]
 
@@ -305,8 +306,8 @@ def test_the_sweep_can_decode_the_start_of_the_test_set_only(ladder, monkeypatch
     splits = load_splits(config)
     model = load_reasoning_model(root / "runs" / "tiny" / "system15" / "best", config)
     seen = []
-    decode = pipeline.evaluate
-    monkeypatch.setattr(pipeline, "evaluate", lambda m, examples, **kw: seen.append(list(examples)) or decode(m, examples, **kw))
+    decode = model.answer
+    monkeypatch.setattr(model, "answer", lambda examples, **kw: seen.append(list(examples)) or decode(examples, **kw))
     for n, expected in ((5, splits["test"][:5]), (0, splits["test"])):
         seen.clear()
         cfg = dataclasses.replace(config, eval=dataclasses.replace(config.eval, sweep_examples=n))

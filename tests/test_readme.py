@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from system15.config import load_config
-from system15.report import markdown_table, notes
+from system15.report import COMPACT, markdown_table, notes
 
 from conftest import ROOT
 
@@ -37,11 +37,42 @@ def test_every_recipe_loads(recipe):
     assert config.name
 
 
-def test_readme_links_the_docs_pages():
-    pages = pages_quoting_results()
-    assert [p.name for p in pages[1:]] == ["stage1.md", "stage2.md"]
-    for page in pages[1:]:
+def test_readme_is_a_front_page_that_links_every_docs_page():
+    assert len(README.encode()) <= 10 * 1024
+    for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"](docs/{page.name})" in README, page
+
+
+def test_the_readmes_python_api_snippet_runs(tmp_path, monkeypatch, examples):
+    """The snippet as printed, against a model folder where it says one is."""
+    from conftest import tiny_model
+
+    model = tiny_model(examples, shortcuts=True)
+    model.method, model.spec.K = "system15", 2
+    model.save(tmp_path / "runs" / "demo" / "system15" / "best")
+    monkeypatch.chdir(tmp_path)
+    snippet = re.search(r"## Python API\n\n```python\n(.*?)```", README, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    answer = namespace["out"][0]
+    assert answer.decoding_steps == len(answer.routes) and answer.routes[0].kind == "thought"
+
+
+def test_the_readmes_own_data_recipe_and_lines_read_as_documented(tmp_path, monkeypatch):
+    from system15.data import read_examples
+
+    recipe = re.search(r"```yaml\n(.*?)```", README, re.S).group(1)
+    lines = re.search(r"```json\n(.*?)```", README, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("train", "test"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text(lines)
+    (tmp_path / "my.yaml").write_text(recipe)
+    config = load_config(tmp_path / "my.yaml")
+    assert (config.backbone.source, config.task.name, config.task.train) == ("hf", "files", "data/train.jsonl")
+    first, second = read_examples(tmp_path / "data" / "train.jsonl")
+    assert [s.critical for s in first.steps] == [False, True] and first.answer == "11"
+    assert [s.critical for s in second.steps] == [False, True] and [s.result for s in second.steps] == ["8", "11"]
 
 
 def pages_quoting_results():
@@ -56,12 +87,11 @@ def test_page_numbers_come_from_the_results_files(page):
     it names, and each notes block what summary.md says below that table; the command that
     regenerates it is on the same page."""
     text = (ROOT / page).read_text()
-    quoted = re.findall(r"<!-- results: (\S+) -->\n(.*?)\n<!-- /results -->", text, re.S)
-    assert quoted, f"{page} quotes no results"
-    for path, table in quoted:
-        summary = json.loads((ROOT / path).read_text())
-        assert table.strip() == markdown_table(summary["rows"]).strip(), path
-        assert summary["command"] in text, f"the command that regenerates {path} is not on {page}"
+    for kind, columns in (("results", None), ("compact", COMPACT)):
+        for path, table in re.findall(rf"<!-- {kind}: (\S+) -->\n(.*?)\n<!-- /{kind} -->", text, re.S):
+            summary = json.loads((ROOT / path).read_text())
+            assert table.strip() == markdown_table(summary["rows"], columns).strip(), path
+            assert summary["command"] in text, f"the command that regenerates {path} is not on {page}"
     for path, body in re.findall(r"<!-- notes: (\S+) -->\n(.*?)\n<!-- /notes -->", text, re.S):
         assert body == "\n\n".join(notes(json.loads((ROOT / path).read_text()))), path
 
@@ -89,15 +119,18 @@ def test_results_commands_keep_the_readme_tables_in_step(tmp_path, monkeypatch):
 
     readme = tmp_path / "README.md"
     other = "<!-- results: elsewhere/summary.json -->\n| old |\n<!-- /results -->"
-    readme.write_text(f"# title\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n\nprose\n\n{other}\n")
+    readme.write_text(f"# title\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n\nprose\n\n{other}\n"
+                      "<!-- compact: out/summary.json -->\n| stale |\n<!-- /compact -->\n")
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "levers.md"
     doc.write_text("# levers\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n")
-    rows = [{"method": "cot", "accuracy": 0.5, "decoding_steps": 3.0}]
+    rows = [{"method": "cot", "accuracy": 0.5, "decoding_steps": 3.0, "train_steps": 10}]
     summary = {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows}
     monkeypatch.chdir(tmp_path)  # results commands run from the repository root; paths match as the README writes them
     write_summary("out", summary)
     text = readme.read_text()
+    compact = markdown_table(rows, COMPACT)
+    assert "training steps" not in compact and f"<!-- compact: out/summary.json -->\n{compact}\n<!-- /compact -->" in text
     assert f"<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n\nprose\n" in text
     assert "| stale |" not in text and other in text and text.startswith("# title\n")
     assert doc.read_text() == f"# levers\n\n<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n"

@@ -55,7 +55,7 @@ def test_tail_in_one_pass_per_layer_equals_stepping_it(examples, family, K, rout
 
 def test_std_scaled_error_does_not_grow_with_the_backbones_activations():
     """shortcut.mse_scale=std: the stage-2 error is the same for states 100x larger (a
-    pretrained backbone's, say), where method.md's plain error grows 10^4x; it is the plain
+    pretrained backbone's, say), where docs/design.md's plain error grows 10^4x; it is the plain
     error over the full path's variance at each layer, taken over the valid steps only."""
     from system15.train.stage2 import layer_mse
 

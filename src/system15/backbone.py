@@ -172,6 +172,9 @@ class Backbone(nn.Module):
         cfg = lm.config
         self.num_layers = cfg.num_hidden_layers if self.family == "llama" else cfg.n_layer
         self.hidden_size = cfg.hidden_size
+        # the longest sequence: GPT-2's learned positions end there (an index error past it);
+        # rotary positions would run on, into lengths the model never saw
+        self.max_positions = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
         # the name a decoder layer takes its cache by: `cache` since transformers 5.24,
         # `past_key_values` before (still accepted there, with a warning, until 5.40)
         params = inspect.signature(type(self.layers[0]).forward).parameters

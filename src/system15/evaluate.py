@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .data import Example, answers_match, extract_answer
-from .engine import FULL, Generation, Route, fill_kv, generate, prefill
-from .layout import encode, prompt, thought_critical
+from .data import Example, answers_match
+from .engine import Route, fill_kv, generate, prefill
+from .inference import Answer
+from .layout import encode, prompt
 
 
 @dataclass
@@ -34,42 +34,29 @@ class Record:
     layers_noncritical: int = 0
 
 
-def _digit_token(tok, token_id: int | None) -> bool:
-    return token_id is not None and any(ch.isdigit() for ch in tok.decode([token_id]))
-
-
-def _record(model, ex: Example, gen: Generation, K: int | None) -> Record:
-    tok = model.tokenizer
-    text = tok.decode(gen.tokens)
-    predicted = extract_answer(text)
-    rec = Record(ex.source, ex.answer, predicted, answers_match(predicted, ex.answer), gen.decoding_steps,
-                 len(gen.ran), gen.flops)
-    thought_flags = thought_critical(encode(tok, ex), K) if K else []
-    for i, (ran, emitted) in enumerate(zip(gen.ran, gen.emitted)):
-        critical = thought_flags[i] if i < len(thought_flags) else _digit_token(tok, emitted)
-        skipped = sum(1 for r in ran if not r)
-        if critical:
-            rec.skipped_critical += skipped
-            rec.layers_critical += len(ran)
+def record_of(example: Example, a: Answer) -> Record:
+    """An answer scored against its example's gold answer, its layers counted by criticality
+    (a step of unknown criticality counts as non-critical)."""
+    rec = Record(example.source, example.answer, a.answer, answers_match(a.answer, example.answer), a.decoding_steps,
+                 len(a.routes), a.flops)
+    for step in a.routes:
+        if step.critical:
+            rec.skipped_critical += step.skipped
+            rec.layers_critical += len(step.ran)
         else:
-            rec.skipped_noncritical += skipped
-            rec.layers_noncritical += len(ran)
+            rec.skipped_noncritical += step.skipped
+            rec.layers_noncritical += len(step.ran)
     return rec
 
 
-def evaluate(model, examples: list[Example], *, K: int | None, route: Route = FULL, batch_size: int = 64,
-             max_new_tokens: int = 64, desc: str | None = None) -> list[Record]:
-    """Greedy answers for `examples`, one Record each, in order."""
-    model.eval()
-    tok = model.tokenizer
-    records = []
-    batches = range(0, len(examples), batch_size)
-    for start in tqdm(batches, desc=desc or "eval", disable=desc is None, leave=False, dynamic_ncols=True):
-        chunk = examples[start:start + batch_size]
-        prompts = [prompt(tok, encode(tok, ex)) for ex in chunk]
-        gens = generate(model, prompts, K=K, route=route, max_new_tokens=max_new_tokens)
-        records += [_record(model, ex, g, K) for ex, g in zip(chunk, gens)]
-    return records
+def evaluate(model, examples: list[Example], *, K: int | None = None, route: Route | None = None, batch_size: int = 64,
+             max_new_tokens: int | None = None, desc: str | None = None) -> list[Record]:
+    """Greedy answers for `examples` (`model.answer`), one Record each, in order. K and the
+    route default to the model's own; a route's mode "full" runs every layer."""
+    options = {} if route is None else {"lambda_depth": route.lambda_depth, "kv_policy": route.kv_policy,
+                                        "shortcuts": route.mode != "full"}
+    answers = model.answer(examples, K=K, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=desc, **options)
+    return [record_of(e, a) for e, a in zip(examples, answers)]
 
 
 def accuracy(records: list[Record]) -> float:

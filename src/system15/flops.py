@@ -1,6 +1,6 @@
 """FLOPs of one decoding step, counted from what actually ran.
 
-We count matrix products only (2 FLOPs per multiply-add), as method.md says: the attention
+We count matrix products only (2 FLOPs per multiply-add), as docs/design.md says: the attention
 and MLP weight matrices of every layer that ran, the attention scores and weighted sum over
 the cached length, the K/V projections a skipped layer still computes under kv_policy="fill",
 the routers and adapters, and P for latent steps. Norms, activations and the LM head are

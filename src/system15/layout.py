@@ -1,4 +1,4 @@
-"""Examples -> token ids, in the three layouts of method.md, and padding into batches.
+"""Examples -> token ids, in the three layouts of docs/design.md, and padding into batches.
 
     CoT:     question <bot> step_1 ... step_S <eot> #### answer <eos>
     latent:  question <bot> [K thought steps] <eot> #### answer <eos>
@@ -56,7 +56,7 @@ def cot_target(tok: Tokenizer, e: Encoded) -> list[int]:
 
 def segments(e: Encoded, K: int) -> list[range]:
     """The CoT steps latent step k of K covers, for each k: [floor((k-1)S/K), floor(kS/K))
-    of the S steps (method.md). A segment may be empty."""
+    of the S steps (docs/design.md). A segment may be empty."""
     S = len(e.steps)
     return [range((k - 1) * S // K, k * S // K) for k in range(1, K + 1)]
 
@@ -107,7 +107,7 @@ def segment_live(e: Encoded, K: int) -> list[list[str]]:
 
 
 def thought_critical(e: Encoded, K: int) -> list[bool]:
-    """Latent step k is critical when any CoT step it covers is (method.md)."""
+    """Latent step k is critical when any CoT step it covers is (docs/design.md)."""
     return [any(e.critical[i] for i in seg) for seg in segments(e, K)]
 
 

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import latest_good, load_average, write_text_atomic
 from .config import METHOD_ALIGN_RULES, METHODS, Ablation, RunConfig, load_config
-from .data import Example, SyntheticTask, load_task
+from .data import DataError, Example, SyntheticTask, check_disjoint, file_splits, load_task
 from .distributed import shard_map
-from .engine import FULL, Route
-from .evaluate import (Record, accuracy, accuracy_by_shape, evaluate, latency_breakdown, measure_latencies, records_as_dicts,
-                       summarize)
-from .layout import encode
+from .evaluate import (Record, accuracy, accuracy_by_shape, evaluate, latency_breakdown, measure_latencies, record_of,
+                       records_as_dicts, summarize)
+from .inference import resolve_K, resolve_route
+from .layout import cot_target, encode, prompt
 from .model import ReasoningModel, build_model, load_reasoning_model
 from .report import device_name, plot_sweep, write_summary
 from .rungs import INIT_FROM, TEST_RECORDS, check_reusable, decoding_digest, provenance, weights_digest
@@ -40,24 +40,38 @@ from .train.stage1 import probe_readout
 
 
 def load_splits(config: RunConfig) -> dict[str, list[Example]]:
+    """The task's train, valid and test examples (capped by n_train, n_valid, n_test); a
+    training question that reappears in valid or test is refused unless task.allow_overlap."""
     t = config.task
-    synthetic = SyntheticTask(n_steps=t.n_steps, max_operand=t.max_operand, max_result=t.max_result,
-                              p_independent=t.p_independent)
-    sizes = {"n_train": t.n_train or 20000, "n_valid": t.n_valid, "n_test": t.n_test or 500}
-    common = dict(data_root=t.data_root, synthetic=synthetic, seed=t.seed, **sizes)
-    splits = {
-        "train": load_task(t.name, "train", n=t.n_train, **common),
-        "valid": load_task(t.name, "valid", n=t.n_valid, **common),
-        "test": load_task(t.name, "test", n=t.n_test, **common),
-    }
+    caps = {"train": t.n_train, "valid": t.n_valid, "test": t.n_test}
+    if t.name == "files":
+        splits = file_splits(t.train, t.valid, t.test, holdout=t.holdout, seed=t.seed)
+        splits = {name: examples[: caps[name]] for name, examples in splits.items()}
+    else:
+        synthetic = SyntheticTask(n_steps=t.n_steps, max_operand=t.max_operand, max_result=t.max_result,
+                                  p_independent=t.p_independent)
+        sizes = {"n_train": t.n_train or 20000, "n_valid": t.n_valid, "n_test": t.n_test or 500}
+        common = dict(data_root=t.data_root, synthetic=synthetic, seed=t.seed, **sizes)
+        splits = {name: load_task(t.name, name, n=caps[name], **common) for name in ("train", "valid", "test")}
+    if not t.allow_overlap:
+        check_disjoint(splits, {"train": t.train, "valid": t.valid, "test": t.test})
     return splits
 
 
-def route_for(method: str, config: RunConfig, lambda_depth: float | None = None) -> Route:
-    if method != "system15":
-        return FULL
-    sc = config.shortcut
-    return Route("hard", sc.lambda_depth if lambda_depth is None else lambda_depth, sc.kv_policy)
+def timed(model: ReasoningModel, K: int | None = None, lambda_depth: float | None = None) -> tuple:
+    """A run for `measure_latencies`: the model with its own K and route unless given."""
+    return model, resolve_K(model, K), resolve_route(model, lambda_depth, None, True)
+
+
+def check_lengths(model: ReasoningModel, examples: list[Example], encoded) -> None:
+    """Refuse training examples longer than the backbone's positions, naming the line."""
+    limit = model.backbone.max_positions
+    for example, e in zip(examples, encoded):
+        length = len(prompt(model.tokenizer, e)) + len(cot_target(model.tokenizer, e))
+        if length > limit:
+            path, _, line = example.source.rpartition(":")
+            raise DataError(path or example.source, int(line) if line.isdigit() else None, "question",
+                            f"{length} tokens with its chain and answer; the backbone has {limit} positions")
 
 
 def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name: str | None = None) -> ReasoningModel:
@@ -77,23 +91,22 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
         else:
             model = load_reasoning_model(runs_dir / parent / "best", config)
         model.to(device_for(config))
-        K, route = objective.eval_K(config), route_for(method, config)
         valid = splits["valid"]
 
         def validate(m):  # every process scores its own shard; the records are gathered in order
-            with autocast(config):
-                return accuracy(shard_map(lambda chunk: evaluate(m, chunk, K=K, route=route, batch_size=config.eval.batch_size,
-                                                                 max_new_tokens=config.task.max_new_tokens), valid))
+            with autocast(config):  # K and route: the model's own, as the objective labelled it
+                return accuracy(shard_map(lambda chunk: evaluate(m, chunk, batch_size=config.eval.batch_size), valid))
 
         encoded = [encode(model.tokenizer, e) for e in splits["train"]]
+        check_lengths(model, splits["train"], encoded)
         fit(model, objective, encoded, config.stage(method), run_dir, validate, accelerator=accelerator_for(config),
-            provenance=provenance(method, runs_dir))
+            provenance=provenance(method, runs_dir), run_config=config.to_dict())
     model = load_reasoning_model(run_dir / "best", config)
     return model.to(device_for(config))
 
 
 def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict]:
-    """Stage 1 with the configured alignment rule, and (compare_align) method.md's rules too;
+    """Stage 1 with the configured alignment rule, and (compare_align) docs/design.md's rules too;
     the best on validation becomes runs/<name>/latent, every score is recorded."""
     rules = [config.latent.align] + ([r for r in METHOD_ALIGN_RULES if r != config.latent.align]
                                     if config.latent.compare_align else [])
@@ -192,7 +205,7 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
     its test_records.json and reused while the same weights decode the same test set the same
     way with the same code (`rungs.decoding_digest`), so a ladder interrupted after this point
     does not decode the test set again. `label` names the rung on the progress bar."""
-    K, route = objective_for(method, config).eval_K(config), route_for(method, config)
+    K, route = model.spec.K, resolve_route(model, None, None, True)
     cache = None if run_dir is None else run_dir / TEST_RECORDS
     key = {"weights": weights_digest(run_dir / "best") if run_dir else None, "K": K, "route": dataclasses.asdict(route),
            "max_new_tokens": config.task.max_new_tokens, "batch_size": config.eval.batch_size,
@@ -205,8 +218,7 @@ def evaluate_rung(config: RunConfig, method: str, model: ReasoningModel, test: l
                 return [Record(**r) for r in saved["records"]]
         except (ValueError, TypeError, AttributeError):  # unreadable, or written by another version: decode again
             pass
-    recs = evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size,
-                    max_new_tokens=config.task.max_new_tokens, desc=f"test {label or method}")
+    recs = evaluate(model, test, batch_size=config.eval.batch_size, desc=f"test {label or method}")
     if cache is not None and key["weights"]:
         write_text_atomic(cache, json.dumps({"key": key, "records": records_as_dicts(recs)}))
     return recs
@@ -222,8 +234,7 @@ def measure(config: RunConfig, models: dict[str, ReasoningModel], splits,
         recs = evaluate_rung(config, method, model, test, None if runs_dir is None else runs_dir / method)
         records[method] = records_as_dicts(recs)
         rows.append(_row(method, recs))
-    runs = {method: (model, objective_for(method, config).eval_K(config), route_for(method, config))
-            for method, model in models.items()}
+    runs = {method: timed(model) for method, model in models.items()}
     latency = {bs: measure_latencies(runs, test[: max(config.eval.timing_examples, bs)], batch_size=bs,
                                      max_new_tokens=config.task.max_new_tokens, rounds=config.eval.timing_rounds)
                for bs in tqdm(config.eval.timing_batch_sizes, desc="timing", leave=False)}
@@ -284,14 +295,14 @@ def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, 
     points, runs = [], {}
     grid = [(d, k) for k in config.eval.sweep_step for d in config.eval.sweep_depth]
     for depth, K in tqdm(grid, desc="sweep", leave=False):
-        route = route_for("system15", config, depth)
-        s = summarize(evaluate(model, test, K=K, route=route, batch_size=config.eval.batch_size, max_new_tokens=mnt))
-        runs[(depth, K)] = (model, K, route)
+        answers = model.answer(test, K=K, lambda_depth=depth, batch_size=config.eval.batch_size)
+        s = summarize([record_of(e, a) for e, a in zip(test, answers)])
+        runs[(depth, K)] = timed(model, K, depth)
         points.append({"lambda_depth": depth, "K": K, "examples": len(test), "accuracy": s["accuracy"],
                        "flops_per_step": s["flops_per_step"],
                        "skip_frac_critical": s["skip_frac_critical"], "skip_frac_noncritical": s["skip_frac_noncritical"]})
     if cot is not None:
-        runs["cot"] = (cot, None, FULL)
+        runs["cot"] = timed(cot)
     ms = measure_latencies(runs, test[: config.eval.timing_examples], max_new_tokens=mnt, rounds=config.eval.timing_rounds)
     for point, key in zip(points, grid):
         point["latency_ms"] = ms[key]
@@ -364,13 +375,11 @@ def average_worth(config: RunConfig, method: str, run_dir: Path, model: Reasonin
     unexpected = averaged.load_state_dict(load_average(ckpt), strict=False).unexpected_keys
     if unexpected:
         raise KeyError(f"{ckpt}: the average holds weights the model lacks: {unexpected[:3]}")
-    K, route = objective_for(method, config).eval_K(config), route_for(method, config)
     out = {"ema": config.stage(method).ema, "step": int(ckpt.name.split("-")[-1])}
     for name, weights in (("own", own), ("average", averaged)):
         for split in ("valid", "test"):
             with autocast(config):
-                out[f"{split}_{name}"] = accuracy(evaluate(weights, splits[split], K=K, route=route, batch_size=config.eval.batch_size,
-                                                           max_new_tokens=config.task.max_new_tokens))
+                out[f"{split}_{name}"] = accuracy(evaluate(weights, splits[split], batch_size=config.eval.batch_size))
     return out
 
 
@@ -414,10 +423,10 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
             model = train_rung(cfg, method, splits, runs_dir, run_name=run_name)
         else:  # a reference rung, as the ladder trained it
             model = ladder_rung(cfg, method, splits, runs_dir)
-        K, route = objective_for(method, cfg).eval_K(cfg), route_for(method, cfg)
         with autocast(cfg):  # records kept in the rung's folder, as the ladder keeps them
             recs = evaluate_rung(cfg, method, model, test, run_dir, label=label)
-        runs[label] = (model, K, route)
+        runs[label] = timed(model)
+        K = model.spec.K
         rows.append({**_row(method, recs), "method": label, **_training_record(run_dir), "overrides": list(overrides)})
         shapes = accuracy_by_shape(recs, test)
         if shapes and method != "cot":

@@ -42,14 +42,20 @@ COLUMNS = [
 ]
 
 
+# the front page's table: what each method costs and keeps, at a glance
+COMPACT = ("method", "accuracy", "decoding_steps", "flops_reduction_vs_latent", "speedup_vs_cot", "latency_vs_nocot",
+           "skip_frac_critical", "skip_frac_noncritical")
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+def markdown_table(rows: list[dict], keys: tuple[str, ...] | None = None) -> str:
+    """The rows as a Markdown table: every column some row has (of `keys`, if given)."""
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows) and (keys is None or c[0] in keys)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(key), fmt) for key, _, fmt in cols) + " |")
@@ -188,11 +194,13 @@ def write_summary(out_dir: str | Path, summary: dict, to: list[str | Path] | Non
     md += [line for p in paragraphs for line in (p, "")]
     write_text_atomic(out / "summary.md", "\n".join(md))
     for page in pages() if to is None else to:
-        sync_page(page, out / "summary.json", {"results": table, "notes": "\n\n".join(paragraphs)})
+        sync_page(page, out / "summary.json", {"results": table, "compact": markdown_table(summary["rows"], COMPACT),
+                                               "notes": "\n\n".join(paragraphs)})
     return out / "summary.json"
 
 
-BLOCKS = ("results", "notes")  # <!-- results: PATH --> the table; <!-- notes: PATH --> what follows it
+# <!-- results: PATH --> the table; <!-- compact: PATH --> its COMPACT columns; <!-- notes: PATH --> what follows it
+BLOCKS = ("results", "compact", "notes")
 
 
 def sync_page(page: str | Path, summary_path: str | Path, blocks: dict[str, str]) -> bool:
@@ -267,3 +275,47 @@ def plot_sweep(out_dir: str | Path, sweep: list[dict], reference: dict[str, dict
     fig.savefig(pareto, dpi=120)
     plt.close(fig)
     return [heat, pareto]
+
+
+def _step_label(step) -> str:
+    mark = {True: " *", False: "", None: " ?"}[step.critical]
+    return ("thought" if step.kind == "thought" else repr(step.token)) + mark
+
+
+def routing_map(answer) -> str:
+    """An answer's route as text: a row per decoding step, a column per layer, '#' where the
+    layer ran and '.' where the shortcut replaced it; '*' marks a critical step, '?' one of
+    unknown criticality."""
+    if not answer.routes:
+        return "(no decoding steps after the prompt)"
+    layers = len(answer.routes[0].ran)
+    width = max(len(_step_label(s)) for s in answer.routes)
+    lines = [f"{'step':>4}  {'':<{width}}  layers 1..{layers} (# ran, . skipped)"]
+    for i, step in enumerate(answer.routes, 1):
+        lines.append(f"{i:>4}  {_step_label(step):<{width}}  {''.join('#' if r else '.' for r in step.ran)}")
+    skipped = sum(s.skipped for s in answer.routes)
+    lines.append(f"layers skipped: {skipped} of {layers * len(answer.routes)}")
+    return "\n".join(lines)
+
+
+def plot_routes(answer, path: str | Path) -> Path:
+    """The routing map as a picture: steps down, layers across, critical steps marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    grid = [[1 if r else 0 for r in step.ran] for step in answer.routes] or [[0]]
+    fig, ax = plt.subplots(figsize=(0.35 * len(grid[0]) + 3, 0.3 * len(grid) + 1.6))
+    ax.imshow(grid, cmap=ListedColormap(["#e8e8e8", "#2b6cb0"]), vmin=0, vmax=1, aspect="auto")
+    ax.set_yticks(range(len(answer.routes)), [_step_label(s) for s in answer.routes], fontsize=7)
+    ax.set_xticks(range(len(grid[0])), [str(i) for i in range(1, len(grid[0]) + 1)], fontsize=7)
+    ax.set_xlabel("layer (blue: ran; grey: skipped by the shortcut)")
+    ax.set_title(f"{answer.question[:60]}  ->  {answer.answer}  (* critical)", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -29,17 +29,21 @@ from .train import objective_class
 INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
 TEST_RECORDS = "test_records.json"  # a finished rung's test-set records, kept by pipeline.evaluate_rung
 # The source that turns weights into test records: decoding, the layers, the shortcuts, the
-# layout of a prompt, and how an answer is read and scored.
-DECODING_SOURCES = ("engine.py", "backbone.py", "shortcuts.py", "model.py", "layout.py", "evaluate.py", "flops.py",
-                    "data/formats.py")
+# tokenizer, the layout of a prompt, and how an answer is read and scored.
+DECODING_SOURCES = ("engine.py", "backbone.py", "shortcuts.py", "model.py", "tokenizer.py", "layout.py", "inference.py",
+                    "evaluate.py", "flops.py", "data/formats.py", "data/records.py")
 
 
 @cache
 def decoding_digest() -> str:
-    """SHA-256 over DECODING_SOURCES, so that test records decoded by other code (an engine
-    change, say) are decoded again instead of reused."""
+    """SHA-256 over DECODING_SOURCES and the torch and transformers versions, so that test
+    records decoded by other code (an engine change, a library upgrade) are decoded again
+    instead of reused."""
+    import torch
+    import transformers
+
     package = Path(__file__).parent
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"torch {torch.__version__}\0transformers {transformers.__version__}\0".encode())
     for name in DECODING_SOURCES:
         h.update(name.encode() + b"\0" + (package / name).read_bytes())
     return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Depth and step shortcuts: the per-layer router and the two adapters (method.md).
+"""Depth and step shortcuts: the per-layer router and the two adapters (docs/design.md).
 
 At layer l and decoding step t, with input h_{l-1,t} and the previous step's state h_{l,t-1}:
 

@@ -1,4 +1,4 @@
-"""load_task's errors and its file-path mode."""
+"""load_task's errors, and a file path given as the task."""
 
 import pytest
 
@@ -21,8 +21,14 @@ def test_missing_data_root_is_named(tmp_path):
         load_task("gsm8k", "valid", data_root=str(missing))
 
 
-def test_file_path(tmp_path):
+def test_a_file_path_is_never_its_own_test_set(tmp_path):
+    """A data file named as the task is the one-file form of task.train: valid and test are
+    held out of it (system15.data.files), never read from it whole."""
+    from system15.config import load_config
+
     path = tmp_path / "mine.txt"
     write_aug_lines(SyntheticTask().generate(5, seed=0), path)
-    assert [e.answer for e in load_task(str(path), "test")] == [e.answer for e in SyntheticTask().generate(5, seed=0)]
-    assert len(load_task(str(path), "test", n=2)) == 2
+    with pytest.raises(ValueError, match="file_splits"):
+        load_task(str(path), "test")
+    task = load_config(None, [f"task.name={path}"]).task
+    assert (task.name, task.train, task.valid, task.test) == ("files", str(path), None, None)

@@ -18,6 +18,7 @@ from .formats import (
     read_examples,
     write_aug_lines,
 )
+from .files import check_disjoint, file_splits, hold_out, question_key
 from .multiplication import generate_mult, mult_example
 from .records import DataError, Example, Step, answers_match, extract_answer, label_equations, parse_number
 from .splits import gsm8k_train_split, gsm8k_valid_split
@@ -35,6 +36,10 @@ __all__ = [
     "Step",
     "SyntheticTask",
     "answers_match",
+    "check_disjoint",
+    "file_splits",
+    "hold_out",
+    "question_key",
     "detect_format",
     "extract_answer",
     "format_aug_line",
@@ -97,7 +102,7 @@ def load_task(
     - "gsm8k": train = gsm8k_train_split, valid = gsm8k_aug/valid.txt, test = gsm8k_aug/test.txt.
     - "mult4"/"mult5": valid/test from mult/4x4 or mult/5x5; train (n_train) is generated
       from `seed`, without the valid/test questions.
-    - any other string: the path of a data file, read with read_examples (split unused).
+    Your own files go through `file_splits` instead, which holds out the splits not given.
     For the shared tasks n keeps the first n examples; `seed` matters for synthetic and mult train.
     """
     if split not in SPLITS:
@@ -115,6 +120,4 @@ def load_task(
         return read_examples(_data_dir(data_root, "gsm8k_aug", f"{split}.txt"), fmt="aug", limit=n)
     if name_or_path in ("mult4", "mult5"):
         return _mult_split(int(name_or_path[-1]), split, data_root, n, n_train, seed)
-    if Path(name_or_path).is_file():
-        return read_examples(name_or_path, limit=n)
-    raise ValueError(f"unknown task {name_or_path!r}: expected one of {TASKS} or the path of an existing data file")
+    raise ValueError(f"unknown task {name_or_path!r}: expected one of {TASKS} (data files: file_splits)")

@@ -1,7 +1,12 @@
-"""Readers and writers for the three on-disk layouts (see ../shared/data/README.md).
+"""Readers and writers for the on-disk layouts (docs/data.md).
 
-- "gsm8k": JSON lines {"question": ..., "answer": "... <<48/2=24>>24 ...\\n#### 72"}; the
-  steps are the calculator notes. User evaluation files may give a bare number as the answer.
+- "gsm8k": JSON lines, in either of two layouts:
+  - {"question", "cot", "answer"} (this project's own): `cot` is optional, and is either
+    `<<expr=result>>` equations (a string, or a list of them) or plain-text steps (a list of
+    strings, or one string with a step per line), which may carry a per-step `critical`
+    list of booleans; `answer` is the final answer alone;
+  - GSM8K's {"question", "answer": "... <<48/2=24>>24 ...\\n#### 72"}: the steps are the
+    calculator notes. Evaluation files may give a bare number as the answer.
 - "aug": GSM8K-Aug, "question||<<16-3-4=9>> <<9*2=18>> #### 18"; the chain may be empty.
 - "mult": "5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + ... #### 5 5 6 0 8 2 0 1".
 
@@ -27,7 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .records import ANSWER_MARKER, DataError, Example, Step, label_equations, parse_number
+from .records import ANSWER_MARKER, DataError, Example, Step, label_equations, note_operands, parse_number
 
 FORMATS = ("gsm8k", "aug", "mult")
 
@@ -154,10 +159,64 @@ def _numeric_answer(value: int | float, path: str, lineno: int, field: str) -> s
     return str(value)
 
 
+_NUMBER_IN_TEXT = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+
+
+def _plain_steps(texts: list[str], critical: Any, path: str, lineno: int) -> tuple[Step, ...]:
+    """Plain-text steps; each one's result is the last number it writes (what a probe of the
+    latent state reads), and its label comes from `critical`, or is critical when none is given."""
+    if critical is None:
+        warnings.warn(f"{path}:{lineno}", UnlabelledSteps, stacklevel=2)  # gathered into one line by read_examples
+        labels = [True] * len(texts)
+    elif not (isinstance(critical, list) and all(isinstance(c, bool) for c in critical)):
+        raise DataError(path, lineno, "critical", f"expected a list of true/false, got {_json_type(critical)}")
+    elif len(critical) != len(texts):
+        raise DataError(path, lineno, "critical", f"{len(critical)} labels for {len(texts)} steps")
+    else:
+        labels = critical
+    results = [(_NUMBER_IN_TEXT.findall(text) or [""])[-1].replace(",", "") for text in texts]
+    return tuple(Step(text, result, label) for text, result, label in zip(texts, results, labels))
+
+
+def _cot_steps(cot: Any, critical: Any, path: str, lineno: int) -> tuple[Step, ...]:
+    """The steps of a record's `cot`: equations labelled from their operands, or plain text."""
+    if isinstance(cot, str):
+        if cot.lstrip().startswith("<<"):
+            texts = _chain_notes(cot, path, lineno)
+        else:
+            texts = [line.strip() for line in cot.splitlines() if line.strip()]
+    elif isinstance(cot, list):
+        for i, text in enumerate(cot):
+            if not isinstance(text, str) or not text.strip() or _has_line_break(text):
+                raise DataError(path, lineno, f"cot[{i}]", "expected a non-empty one-line string")
+        texts = [text.strip() for text in cot]
+    else:
+        raise DataError(path, lineno, "cot", f"expected a string or a list of strings, got {_json_type(cot)}")
+    if any(ANSWER_MARKER in text for text in texts):
+        raise DataError(path, lineno, "cot", f"a step may not contain '{ANSWER_MARKER}' (it marks the answer)")
+    if texts and all(note_operands(text) is not None for text in texts):
+        if critical is not None:
+            raise DataError(path, lineno, "critical", "equations are labelled from their operands; give labels only with plain-text steps")
+        return _steps_from_notes(texts)
+    return _plain_steps(texts, critical, path, lineno)
+
+
+def _final_answer(value: Any, path: str, lineno: int, field: str) -> str:
+    """The `answer` of a record with a `cot`: the final answer alone."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _numeric_answer(value, path, lineno, field)
+    if not isinstance(value, str) or not value.strip() or _has_line_break(value.strip()):
+        raise DataError(path, lineno, field, f"expected a number or a one-line string, got {_json_type(value)}")
+    if ANSWER_MARKER in value:
+        raise DataError(path, lineno, field, f"with a cot, give the final answer alone (no '{ANSWER_MARKER}')")
+    return value.strip()
+
+
 def parse_gsm8k_record(
     obj: Any, path: str = "<record>", lineno: int = 1, question_field: str = "question", answer_field: str = "answer"
 ) -> Example:
-    """A GSM8K record: the steps are the calculator notes in the answer, the gold answer
+    """A JSON record: with a `cot`, this project's layout (the module docstring); without,
+    GSM8K's, where the steps are the calculator notes in the answer and the gold answer
     follows '####'. An answer that is a bare number (72 or "72") gives an example without
     steps, which is how user evaluation files usually look."""
     if not isinstance(obj, dict):
@@ -169,6 +228,11 @@ def parse_gsm8k_record(
     if not isinstance(question, str) or not question.strip():
         raise DataError(path, lineno, question_field, f"expected a non-empty string, got {_json_type(question)}")
     source = f"{path}:{lineno}"
+    if "cot" in obj:
+        steps = _cot_steps(obj["cot"], obj.get("critical"), path, lineno)
+        return Example(question, steps, _final_answer(answer, path, lineno, answer_field), source)
+    if "critical" in obj:
+        raise DataError(path, lineno, "critical", "labels belong to a cot's plain-text steps, and this record has no cot")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         return Example(question, (), _numeric_answer(answer, path, lineno, answer_field), source)
     if not isinstance(answer, str):
@@ -253,20 +317,34 @@ def read_examples(
     parse = _line_parser(fmt or detect_format(path, raw_lines), question_field, answer_field)
     examples: list[Example] = []
     errors: list[DataError] = []
-    for lineno, raw in enumerate(raw_lines, 1):
-        if limit is not None and len(examples) >= limit:
-            break
-        try:
-            text = _decode(raw, path, lineno)
-            if text.strip():
-                examples.append(parse(text, path, lineno))
-        except DataError as err:
-            if not skip_bad:
-                raise
-            errors.append(err)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnlabelledSteps)
+        for lineno, raw in enumerate(raw_lines, 1):
+            if limit is not None and len(examples) >= limit:
+                break
+            try:
+                text = _decode(raw, path, lineno)
+                if text.strip():
+                    examples.append(parse(text, path, lineno))
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                errors.append(err)
+    unlabelled = [str(w.message) for w in caught if issubclass(w.category, UnlabelledSteps)]
+    for w in caught:  # anything else raised while reading goes on as it came
+        if not issubclass(w.category, UnlabelledSteps):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if errors:
         warnings.warn(f"{path}: skipped {len(errors)} bad line(s); the first: {errors[0]}", stacklevel=2)
+    if unlabelled:
+        warnings.warn(f"{path}: {len(unlabelled)} example(s) have plain-text steps without a 'critical' list "
+                      f"(the first: line {unlabelled[0].split(':')[-1]}); every such step is labelled critical",
+                      UnlabelledSteps, stacklevel=2)
     return examples
+
+
+class UnlabelledSteps(UserWarning):
+    """Plain-text steps came without criticality labels, so all of them count as critical."""
 
 
 def _has_line_break(text: str) -> bool:

@@ -35,7 +35,7 @@ class Step:
     """One step of a chain of thought.
 
     `text` is the step exactly as written in the chain, `result` its result as text, and
-    `critical` is True when the step uses an earlier step's result (method.md, "Critical
+    `critical` is True when the step uses an earlier step's result (docs/design.md, "Critical
     and non-critical steps").
     """
 

@@ -122,11 +122,11 @@ def ready_for_training(accelerator):
     return accelerator
 
 
-def run_record(objective: Objective, model, cfg: TrainConfig, accelerator) -> dict:
+def run_record(objective: Objective, cfg: TrainConfig, accelerator, run_config: dict | None) -> dict:
     """What run.json keeps: enough to tell which code, settings and seed made the run."""
     import transformers
 
-    return {"method": objective.name, "train": vars(cfg), "config": model.config.to_dict(),
+    return {"method": objective.name, "train": vars(cfg), "config": run_config,
             "version": __version__, "git": git_revision(), "seed": cfg.seed,
             "processes": accelerator.num_processes, "distributed": accelerator.distributed_type.value,
             "torch": torch.__version__, "transformers": transformers.__version__, "argv": sys.argv}
@@ -162,12 +162,13 @@ def global_mean(accelerator, loss: torch.Tensor, metrics: dict) -> tuple[float, 
 
 def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run_dir: str | Path,
         validate: Callable[[object], float] | None = None, accelerator=None, quiet: bool = False,
-        provenance: dict | None = None) -> dict:
+        provenance: dict | None = None, run_config: dict | None = None) -> dict:
     """Train `model` with `objective`; returns the summary also written to done.json.
 
     `validate(model)` is called on every process (same weights, same score); it may split
     its work with `system15.distributed.shard_map`. Only the main process writes files.
-    `provenance` (where the starting weights came from) joins run.json."""
+    `provenance` (where the starting weights came from) and `run_config` (the whole run's
+    settings, which `rungs.check_reusable` reads back) join run.json."""
     run_dir = Path(run_dir)
     if accelerator is None:
         from accelerate import Accelerator
@@ -201,7 +202,7 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / LOG_FILE).unlink(missing_ok=True)  # left by a run that died before its first checkpoint
-        record = {**run_record(objective, model, cfg, accelerator), **(provenance or {})}
+        record = {**run_record(objective, cfg, accelerator, run_config), **(provenance or {})}
         write_text_atomic(run_dir / "run.json", json.dumps(record, indent=2, default=str))
 
     def log(entry: dict) -> None:

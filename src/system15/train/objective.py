@@ -26,9 +26,14 @@ class Objective:
         """K for generation: None = token mode (CoT)."""
         return 0
 
+    def label(self, model) -> None:
+        """Write into the model's spec what these weights are: the method, what a thought
+        step reads, and the K they answer with by default."""
+        model.method, model.thought, model.spec.K = self.name, self.thought, self.eval_K(None)
+
     def prepare(self, model) -> None:
-        """Set model.thought and which parameters train (default: backbone + P + pause)."""
-        model.thought, model.method = self.thought, self.name
+        """Label the model (`label`) and set which parameters train (default: backbone + P + pause)."""
+        self.label(model)
         for p in model.parameters():
             p.requires_grad_(True)
         if model.shortcuts is not None:

@@ -1,4 +1,4 @@
-"""Stage 1: language-to-latent self-distillation (method.md, "Stage 1").
+"""Stage 1: language-to-latent self-distillation (docs/design.md, "Stage 1").
 
 Teacher and student are one model (shared weights, initialised from CoT-SFT):
 

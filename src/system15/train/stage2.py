@@ -1,4 +1,4 @@
-"""Stage 2: distil the full latent path into the shortcut path (method.md, "Stage 2").
+"""Stage 2: distil the full latent path into the shortcut path (docs/design.md, "Stage 2").
 
 The backbone and P are frozen; only routers and adapters train. Every decoding step (the K
 latent steps, then the answer tokens by teacher forcing) runs twice from the same prefill:
@@ -9,7 +9,7 @@ one at a time; the answer tokens go through each layer together (`tail_pass`). L
          + beta * NLL(answer | mixed path)
          + mu * sum_{l,t} e_{l,t} * (1 - w_{l,t})                    (compute cost)
 
-with s_l = 1 (shortcut.mse_scale "none", method.md's formula) or the std of the full path's
+with s_l = 1 (shortcut.mse_scale "none", docs/design.md's formula) or the std of the full path's
 states at layer l over the batch's steps (stop-gradient; "std"). A pretrained backbone's
 states are far larger than a small one's (SmolLM2-135M's squared error started near 1000 on
 the 2026-11-24 lease, the demo's ends near 1), so with "none" the same mu weighs the cost
@@ -45,7 +45,7 @@ class ShortcutDistillation(Objective):
         return self.K
 
     def prepare(self, model):
-        model.thought, model.method = self.thought, self.name
+        self.label(model)
         if model.shortcuts is None:
             model.add_shortcuts()
         model.requires_grad_(False)
