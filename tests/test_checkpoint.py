@@ -306,3 +306,27 @@ def test_load_reasoning_model_refuses_a_flipped_weight_byte(model_dir, tmp_path)
     flip_byte(d / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
         load_reasoning_model(d)
+
+
+def test_a_folder_written_before_system15_json_still_loads_without_its_training_paths(tiny, model_dir, tmp_path):
+    """The earlier layout (model.json beside the whole run config.json) loads from the folder
+    alone, even though its run config names a backbone folder that no longer exists."""
+    import shutil
+
+    old = Path(shutil.copytree(model_dir, tmp_path / "old"))
+    spec = json.loads((old / "system15.json").read_text())
+    (old / "system15.json").unlink()
+    (old / "manifest.json").unlink()
+    (old / "model.json").write_text(json.dumps({"method": "latent", "thought": "latent", "shortcuts": False,
+                                                "family": "gpt2"}))
+    run = tiny_config(steps=3, batch=4).to_dict()
+    run["backbone"].update(source="hf", path=str(tmp_path / "gone"))
+    run["latent"].update(K=3)
+    (old / "config.json").write_text(json.dumps(run))
+    loaded = load_reasoning_model(old)
+    assert (loaded.method, loaded.thought, loaded.spec.K) == ("latent", "latent", 3)
+    assert loaded.spec.projection_hidden == spec["projection_hidden"] and loaded.spec.max_new_tokens == spec["max_new_tokens"]
+    for (name, a), (_, b) in zip(tiny[0].state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    loaded.save(tmp_path / "new")  # saved again: the current layout
+    assert (tmp_path / "new" / "system15.json").exists() and not (tmp_path / "new" / "config.json").exists()
