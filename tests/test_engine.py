@@ -201,3 +201,22 @@ def test_the_fill_folds_into_the_router_where_the_norms_agree(examples, family):
             assert again is not folded
             normed, _, _ = again[0].decide(h[:, 0])
             assert torch.allclose(fill_kv(bb, again[0], 0, h, normed, ctx)[0], bb.layer_kv(0, h, ctx)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["fill", "skip"])
+def test_gathering_and_running_every_row_give_the_same_answers(examples, family, policy):
+    """Rows that disagree at a layer: gathered, or all run with the shortcut's output kept where
+    a row skips; the answers and routes agree, and the measured choice is one of the two."""
+    model = randomise_routers(tiny_model(examples, family, shortcuts=True), seed=3)
+    prompts = prompts_of(model, examples[:8])
+    mask = torch.rand(8, model.num_layers, generator=torch.Generator().manual_seed(0)) < 0.5  # rows disagree
+    runs = {rows: generate(model, prompts, K=2, route=Route("hard", 0.5, policy, rows=rows, skip=mask), max_new_tokens=8)
+            for rows in ("gather", "dense", "auto")}
+    for rows in ("dense", "auto"):
+        assert [g.tokens for g in runs[rows]] == [g.tokens for g in runs["gather"]], rows
+        assert [g.ran for g in runs[rows]] == [g.ran for g in runs["gather"]], rows
+        assert [g.flops for g in runs[rows]] == [g.flops for g in runs["gather"]], rows
+    together = [[g.ran[step] for g in runs["gather"]] for step in range(3)]  # 2 thoughts and <eot>: every row takes them
+    assert any(len({ran[layer] for ran in rows}) == 2 for rows in together for layer in range(model.num_layers)), \
+        "some layer should see rows that disagree"
+    assert 1 <= model.backbone._gather_from[8] <= 8

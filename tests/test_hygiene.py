@@ -1,9 +1,10 @@
 """Long-run hygiene: a non-finite loss or gradient stops the run and keeps the last good
 checkpoint; the run directory says which code, settings and seed made it; nothing is ever
-unpickled from disk."""
+unpickled from disk; no module of the package imports, even lazily, a module that imports it."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -144,3 +145,76 @@ def test_no_pickle_is_loaded_from_disk_anywhere_in_the_package():
     found = {f"{p.relative_to(SRC.parent)}:{n}: {why}": line.strip()
              for p in files for n, line in enumerate(p.read_text().splitlines(), 1) for why in offences(line)}
     assert not found, found
+
+
+# -- no import cycle -------------------------------------------------------------------------
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, read from the source with `ast`: every
+    `import` and `from ... import`, at any depth (inside functions too), relative ones resolved.
+    Importing a package counts as importing its `__init__`; `from p import name` imports the
+    submodule p.name when there is one, else p itself. The parent packages Python initialises
+    on the way to a submodule are not counted: they are already importing when a sibling asks."""
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in package.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]  # the package it is in
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1] + [node.module or ""]).rstrip(".")
+                else:
+                    base = node.module
+                targets.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names)
+        graph[module] = {t for t in targets if t in modules and t != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}  # "open" while on the path being explored, then "done"
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_reader_sees_lazy_relative_and_package_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def f():\n    from . import a\n")
+    (pkg / "a.py").write_text("from .sub import b\nfrom .sub.b import thing\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("import os\nimport pkg.sub\n\ndef g():\n    from .. import name\n")
+    graph = import_graph(pkg)
+    assert graph == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.sub.b"}, "pkg.sub": set(), "pkg.sub.b": {"pkg.sub", "pkg"}}
+    assert find_cycle(graph) == ["pkg", "pkg.a", "pkg.sub.b", "pkg"]
+    assert find_cycle({**graph, "pkg.sub.b": {"pkg.sub"}}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    graph = import_graph(SRC)
+    assert {"system15.train", "system15.train.objective", "system15.cli"} <= graph.keys()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -1,4 +1,4 @@
-"""results/gsm8k_smollm2/plan.py fits the GSM8K ladder into a GPU lease. A break in it costs
+"""recipes/gpu_lease/plan.py fits the GSM8K ladder into a GPU lease. A break in it costs
 a lease, so it runs here on a tiny recipe: its overrides must load, cover every rung, and let
 the clock end every rung but Coconut with its learning rate annealed."""
 
@@ -20,7 +20,7 @@ stages:
 def test_plan_writes_overrides_that_load_for_every_rung(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE)
-    done = subprocess.run([sys.executable, str(ROOT / "results" / "gsm8k_smollm2" / "plan.py"), str(recipe)],
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "gpu_lease" / "plan.py"), str(recipe)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     overrides = done.stdout.split()

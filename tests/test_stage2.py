@@ -99,7 +99,7 @@ def test_equal_validation_keeps_the_earlier_checkpoint_but_stage_2_the_later(met
     """Validation scores accuracy alone; a later stage-2 checkpoint has trained its routers
     longer under the compute cost, so a tie goes to it. Every other stage keeps the earlier."""
     from system15.config import TrainConfig
-    from system15.train.objective import objective_for
+    from system15.train import objective_for
     from system15.train.loop import fit
 
     model = tiny_model(examples)

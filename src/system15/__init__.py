@@ -4,7 +4,7 @@ step's state at the same layer).
 
 The Python API: `load` a model folder and `answer`, or `fit` a rung (system15.api)."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("load", "fit", "load_config")
 

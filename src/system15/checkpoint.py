@@ -4,6 +4,8 @@ corrupted checkpoint is refused, and resume falls back to the previous good one.
 
 Everything is safetensors or JSON: optimizer state is flattened into tensors, so nothing is
 ever unpickled.
+
+One writer per run folder: while a run trains, `<run_dir>/.lock` names its process (RunLock).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -219,3 +223,137 @@ def prune(run_dir: str | os.PathLike, keep: int = 2) -> None:
     root = Path(run_dir) / "checkpoints"
     for tmp in root.glob(".step-*.tmp-*") if root.exists() else []:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- one writer per run folder ---------------------------------------------------------
+
+LOCK = ".lock"  # in a run folder while a process trains into it: that process's pid and host
+LOCK_GRACE = 2.0  # seconds a lock may stay empty (its holder writes it right after creating it)
+
+
+class RunLockedError(RuntimeError):
+    """Another process, alive or on another host, trains into the same run folder."""
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot), which tells it from a later process that
+    got the same pid; None where there is no /proc."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Does the process that wrote a lock on this host still run?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent
+        return False
+    return started is None or fields is None or _start_ticks(pid) == started
+
+
+class RunLock:
+    """`<run_dir>/.lock`: the one process allowed to write into a run folder.
+
+    Taken with O_CREAT|O_EXCL, so of two processes racing for it exactly one gets it. A lock
+    whose holder no longer runs on this host (killed) is taken over; one written on another
+    host is never judged from here. Use as `with RunLock(run_dir):` or acquire()/release()."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK
+        self.text: str | None = None  # what this process wrote, while it holds the lock
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = os.getpid()
+        self.text = json.dumps({"pid": me, "host": socket.gethostname(), "started": _start_ticks(me),
+                                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex})
+        deadline = time.monotonic() + 10 * LOCK_GRACE
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._refuse_or_clear()
+                continue
+            with os.fdopen(fd, "w") as f:  # one small write: readers see all of it or an empty file
+                f.write(self.text)
+                f.flush()
+                os.fsync(f.fileno())
+            return self
+        self.text = None
+        raise RunLockedError(f"{self.path}: could not take the lock (other processes keep taking it)")
+
+    def _refuse_or_clear(self) -> None:
+        """The lock exists: raise if its holder may still run, else remove it."""
+        try:
+            text = self.path.read_text()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile
+            return
+        try:
+            holder = json.loads(text)
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (ValueError, KeyError, TypeError):
+            if age < LOCK_GRACE:  # its holder is about to write it
+                time.sleep(0.05)
+                return
+            holder, pid, host = None, None, None  # its holder died between creating and writing it
+        if holder is not None:
+            if host != socket.gethostname():
+                raise RunLockedError(f"{self.path.parent} is locked by pid {pid} on host {host} (since "
+                                     f"{holder.get('since')}); this host cannot tell whether it still runs: once "
+                                     f"it is gone, delete {self.path}")
+            if _alive(pid, holder.get("started")):
+                raise RunLockedError(f"{self.path.parent} is locked by pid {pid} on {host} (since "
+                                     f"{holder.get('since')}): another process trains into this run folder; "
+                                     f"wait for it to end or stop it")
+        if self._take_over(text):
+            warnings.warn(f"{self.path}: took over the lock of pid {pid}, which no longer runs", stacklevel=3)
+
+    def _take_over(self, stale: str) -> bool:
+        """Remove the lock judged stale, and only that one: a racer may have replaced it since.
+        Returns whether this process removed it."""
+        aside = _aside(self.path, "stale")
+        try:
+            self.path.rename(aside)  # of several racers, one moves it
+        except FileNotFoundError:
+            return False
+        try:
+            if aside.read_text() == stale:
+                return True
+            try:  # a fresh lock, taken after another racer cleared the stale one: put it back
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            return False
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's; a second call does nothing."""
+        if self.text is None:
+            return
+        try:
+            if self.path.read_text() == self.text:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self.text = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

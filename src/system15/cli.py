@@ -1,4 +1,4 @@
-"""`system15 <verb>`: demo | bench | ablate | train | eval | explain | data | config.
+"""`system15 <verb>`: demo | bench | ablate | train | eval | explain | speed | report | data | config.
 
 Settings come from a recipe (`--recipe configs/x.yaml`) plus `key.sub=value` overrides;
 `system15 config` lists every setting with its help text (from config.py).
@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, RunLockedError
 from .config import METHODS, ConfigError, help_lines, load_config
 from .rungs import StaleRunError
 
@@ -95,6 +95,21 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Rewrite every ladder or ablation summary.md under --results, and the blocks of the
+    pages (README.md, docs/*.md) that quote them, from the summary.json files alone."""
+    from .report import write_summary
+
+    written = 0
+    for path in sorted(Path(args.results).glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        if all("method" in row for row in summary.get("rows", [{}])):  # the ladder's schema (not speed's)
+            write_summary(path.parent, summary)
+            written += 1
+    print(f"{written} summaries rewritten, with the pages that quote them")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import write_aug_lines
     from .pipeline import load_splits
@@ -105,6 +120,20 @@ def cmd_data(args) -> int:
     critical = sum(s.critical for e in examples for s in e.steps)
     total = sum(len(e.steps) for e in examples)
     print(f"{len(examples)} examples, {total} steps ({critical} critical) -> {args.out}")
+    return 0
+
+
+def cmd_speed(args) -> int:
+    from .speed import DEFAULT_STEPS, default_recipe, run_speed
+
+    recipe = args.recipe or default_recipe()
+    config = load_config(recipe, args.overrides)
+    summary = run_speed(config, model_dir=args.model, batch_sizes=args.batch_sizes,
+                        steps=DEFAULT_STEPS if args.steps is None else args.steps, rounds=args.rounds,
+                        results_root=args.results, command=_command_line(args.argv))
+    for t in summary["targets"]:
+        print(f"{t['target']}: {t['figure']:.3f} (bar {t['bar']}: {'met' if t['met'] else 'not met'})")
+    print(f"\nwritten: {Path(args.results) / config.name / 'summary.json'}")
     return 0
 
 
@@ -173,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p, None)
     p.set_defaults(func=cmd_data)
 
+    p = sub.add_parser("speed", help="decoding latency of forced skip patterns against the full path and HF generate; "
+                                     "writes results/<name>/ (docs/speed.md)")
+    _add_recipe(p, None)  # default: configs/speed.yaml
+    p.add_argument("--model", default=None, help="also time a trained System-1.5 model folder's own routing")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="default: the recipe's eval.timing_batch_sizes (key=value overrides go before this option)")
+    p.add_argument("--steps", type=int, default=None, help="decoding steps timed per call (default 32)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default: the recipe's eval.timing_rounds)")
+    p.add_argument("--results", default="results", help="results go to RESULTS/<name>/")
+    p.set_defaults(func=cmd_speed)
+
+    p = sub.add_parser("report", help="rewrite summary.md and the README/docs blocks from every results/*/summary.json")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="list every setting with its help")
     p.set_defaults(func=cmd_config)
@@ -188,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"system15: configuration error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, CheckpointError, StaleRunError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, StaleRunError, RunLockedError) as e:
         print(f"system15: error: {e}", file=sys.stderr)
         return 2
 

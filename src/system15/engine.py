@@ -3,15 +3,18 @@ batched greedy generation for every method.
 
 `decode_step` is the single home of a decoding step. Stage 2 trains through it (route
 "soft"), inference runs it with a hard choice (route "hard"), and every other method runs it
-with route "full". Under the hard choice, the rows that take the shortcut at layer l are
-left out of f_l altogether: the layer runs on the gathered rows that need it, and its
-output is scattered back. Skipped rows still write layer l's keys/values from their input
-(kv_policy "fill"), or are hidden from layer l's attention (kv_policy "skip").
+with route "full". Under the hard choice, a layer that every row skips does no attention or
+MLP work. Where the rows of a batch disagree, the layer either runs on the gathered rows that
+need it (its output scattered back), or runs on every row with the shortcut's output kept
+where a row skips, whichever a cost model measured on the backbone says is faster
+(`_gathers`). Skipped rows still write layer l's keys/values from their input (kv_policy
+"fill"), or are hidden from layer l's attention (kv_policy "skip").
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +29,26 @@ class Route:
     mode: str = "full"          # full | soft | hard
     lambda_depth: float = 0.5
     kv_policy: str = "fill"
+    rows: str = "auto"          # hard route, rows of a batch that disagree at a layer: gather | dense | auto (measured)
+    # hard route only: a forced decision, bool [rows, layers] (True = skip f_l for that row),
+    # tensor or nested lists. The routers still run (their cost is what a forced pattern
+    # measures against the full path); their decision is replaced by this one (speed.py).
+    skip: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.skip is not None:
+            rows = self.skip.tolist() if isinstance(self.skip, torch.Tensor) else self.skip
+            rows = tuple(tuple(bool(s) for s in row) for row in rows)
+            object.__setattr__(self, "skip", rows)
+            object.__setattr__(self, "_by_layer", tuple(zip(*rows)))  # per layer, per row: read once per layer
+
+    def forced(self, layer: int, batch: int, layers: int) -> tuple[bool, ...]:
+        """The forced decision at `layer`, one bool per row."""
+        by_layer = self._by_layer
+        if len(self.skip) != batch or len(by_layer) != layers:
+            raise ValueError(f"forced skip mask is {len(self.skip)} rows x {len(by_layer)} layers; "
+                             f"the step has {batch} rows and the model {layers} layers")
+        return by_layer[layer]
 
     @property
     def threshold(self) -> float:
@@ -78,6 +101,8 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     x = h[:, 0]
     normed, act, logits = fold.decide(x)
     skipped = [logit > route.threshold for logit in logits.view(-1).tolist()]
+    if route.skip is not None:  # forced: the router ran and was read, as above; its decision is replaced
+        skipped = route.forced(layer, h.shape[0], bb.num_layers)
     if not any(skipped):
         out, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
         return out, k, v, skipped, None
@@ -90,6 +115,16 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
         k = torch.zeros_like(cache.keys[layer][:, :, :1])
         return out, k, torch.zeros_like(k), skipped, torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
     skip = torch.tensor(skipped, device=h.device)
+    if _gathers(bb, fold, layer, h, h_prev, ctx, cache, bias, route, sum(skipped)):
+        return (*_gathered(bb, fold, layer, h, h_prev, ctx, cache, bias, skip, normed, act, fill), skipped,
+                None if fill else skip[:, None])
+    return (*_dense(bb, fold, layer, h, h_prev, ctx, cache, bias, skip, act), skipped, None if fill else skip[:, None])
+
+
+def _gathered(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, skip, normed, act, fill):
+    """Rows that disagree, by gathering: f_l on the rows that run only (their cache rows
+    copied out for attention), the shortcut on the others, the outputs scattered back."""
+    x = h[:, 0]
     run_rows = (~skip).nonzero(as_tuple=True)[0]
     skip_rows = skip.nonzero(as_tuple=True)[0]
     out = torch.empty_like(h)
@@ -101,7 +136,67 @@ def _hard_layer(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route):
     k[run_rows], v[run_rows] = k_run, v_run
     if fill:
         k[skip_rows], v[skip_rows] = fill_kv(bb, fold, layer, h[skip_rows], normed[skip_rows], ctx.rows(skip_rows))
-    return out, k, v, skipped, None if fill else skip[:, None]
+    return out, k, v
+
+
+def _dense(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, skip, act):
+    """Rows that disagree, without gathering: f_l on every row and the shortcut's output kept
+    where a row skips. A skipped row's keys and values are then the layer's own, which is
+    what kv_policy "fill" writes (and "skip" hides). Its FLOPs are still counted as skipped:
+    the method did not need them, the batch's bookkeeping did."""
+    full, k, v = bb.run_layer(layer, h, ctx, cache, bias=bias)
+    out = torch.where(skip[:, None, None], fold.branch(h[:, 0], act, h_prev)[:, None], full)
+    return out, k, v
+
+
+GATHER_TRIALS = 3  # timed calls per strategy and split when a batch size is first measured
+
+
+def _gathers(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route, skipping: int) -> bool:
+    """Whether gathering beats running every row, for a layer where `skipping` of the batch's
+    rows skip: route.rows "gather" or "dense" decides; "auto" asks a cost model measured once
+    per backbone and batch size on the first layer that needs it, with that layer's own
+    inputs. Gathering saves f_l on the skipped rows but copies the running rows' cache out
+    for attention and scatters the outputs back: on a small model at a small batch the
+    copies cost more than the layer, on a large one the layer dominates."""
+    if route.rows != "auto":
+        return route.rows == "gather"
+    batch = h.shape[0]
+    table = bb.__dict__.setdefault("_gather_from", {})  # batch size -> fewest skipping rows for which gathering pays
+    if batch not in table:
+        table[batch] = _measure_gather(bb, fold, layer, h, h_prev, ctx, cache, bias, route)
+    return skipping >= table[batch]
+
+
+def _measure_gather(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, route) -> int:
+    """The fewest skipping rows from which gathering was faster than running every row, over
+    splits of a quarter, half and three quarters of the batch (the batch size when never)."""
+    batch = h.shape[0]
+    normed, act, _ = fold.decide(h[:, 0])
+    fill = route.kv_policy == "fill"
+
+    def best(call) -> float:
+        times = []
+        for _ in range(GATHER_TRIALS):
+            _sync(h.device)
+            began = time.perf_counter()
+            call()
+            _sync(h.device)
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    for skipping in sorted({max(1, min(batch - 1, round(batch * share))) for share in (0.25, 0.5, 0.75)}):
+        skip = torch.arange(batch, device=h.device) < skipping
+        gather = best(lambda: _gathered(bb, fold, layer, h, h_prev, ctx, cache, bias, skip, normed, act, fill))
+        dense = best(lambda: _dense(bb, fold, layer, h, h_prev, ctx, cache, bias, skip, act))
+        if gather < dense:
+            return skipping
+    return batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,

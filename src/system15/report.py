@@ -30,7 +30,9 @@ COLUMNS = [
     ("speedup_vs_latent", "speedup vs latent b=1", "{:.2f}x"),
     ("speedup_vs_latent_b8", "b=8", "{:.2f}x"),
     ("speedup_vs_latent_b64", "b=64", "{:.2f}x"),
-    ("latency_vs_nocot", "latency vs No-CoT", "{:.2f}x"),
+    ("latency_vs_nocot", "latency vs No-CoT b=1", "{:.2f}x"),
+    ("latency_vs_nocot_b8", "b=8", "{:.2f}x"),
+    ("latency_vs_nocot_b64", "b=64", "{:.2f}x"),
     ("skip_frac_critical", "layers skipped: critical", "{:.1%}"),
     ("skip_frac_noncritical", "non-critical", "{:.1%}"),
     ("best_valid_accuracy", "best validation accuracy", "{:.1%}"),
@@ -44,7 +46,7 @@ COLUMNS = [
 
 # the front page's table: what each method costs and keeps, at a glance
 COMPACT = ("method", "accuracy", "decoding_steps", "flops_reduction_vs_latent", "speedup_vs_cot", "latency_vs_nocot",
-           "skip_frac_critical", "skip_frac_noncritical")
+           "latency_vs_nocot_b8", "latency_vs_nocot_b64", "skip_frac_critical", "skip_frac_noncritical")
 
 
 def device_name() -> str:
@@ -166,7 +168,7 @@ def notes(summary: dict) -> list[str]:
                    f"{parts['layers_run_per_example']:.1f} layers run over {parts['forwards_per_example']:.1f} steps per example. "
                    f"If skipped layers and routers cost nothing, the speedup over CoT (rebuilt from the same parts: "
                    f"{parts['cot_rebuilt_ms']:.1f} ms) would be at most {parts['speedup_vs_cot_if_skips_were_free']:.2f}x.")
-        if "speedup_vs_cot_if_only_critical_layers_ran" in parts:  # runs before 2026-12-05 lack it
+        if "speedup_vs_cot_if_only_critical_layers_ran" in parts:  # older summaries lack this bound
             out[-1] += (f" If every layer of every non-critical step were free and critical steps ran all of theirs "
                         f"({parts['critical_layers_per_example']:.1f} layers per example), at most "
                         f"{parts['speedup_vs_cot_if_only_critical_layers_ran']:.2f}x.")

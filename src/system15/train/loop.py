@@ -8,7 +8,8 @@ best on validation is kept in `<run_dir>/best`, and `<run_dir>/done.json` marks 
 finished so a ladder can skip it on a re-run. A NaN/inf loss or gradient stops the run
 before the optimizer step, so the last checkpoint is the last good state. With `train.ema`,
 validation and `best` read a moving average of the weights (average.py), and checkpoints keep
-it, so a resumed run goes on with the same average.
+it, so a resumed run goes on with the same average. One process at a time trains into a run
+folder: `fit` holds its lock (`checkpoint.RunLock`) from start to end.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..checkpoint import (latest_good, load_average, load_training_state, prune, recover, save_training_state, verify,
-                          write_atomic, write_text_atomic)
+from ..checkpoint import (RunLock, RunLockedError, latest_good, load_average, load_training_state, prune, recover,
+                          save_training_state, verify, write_atomic, write_text_atomic)
 from ..config import TrainConfig
+from ..version import __version__
 from ..layout import Encoded
 from .average import WeightAverage
 from .objective import Objective
@@ -168,16 +169,49 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
     `validate(model)` is called on every process (same weights, same score); it may split
     its work with `system15.distributed.shard_map`. Only the main process writes files.
     `provenance` (where the starting weights came from) and `run_config` (the whole run's
-    settings, which `rungs.check_reusable` reads back) join run.json."""
+    settings, which `rungs.check_reusable` reads back) join run.json.
+
+    While it trains, the run folder is locked (`checkpoint.RunLock`): a second `fit` into it
+    raises RunLockedError, naming the holder's pid, before touching a file."""
     run_dir = Path(run_dir)
     if accelerator is None:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
     ready_for_training(accelerator)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must divide evenly over {accelerator.num_processes} processes")
+    with run_lock(run_dir, accelerator):
+        return _train(model, objective, train, cfg, run_dir, validate, accelerator, quiet, provenance, run_config)
+
+
+@contextmanager
+def run_lock(run_dir: Path, accelerator):
+    """The run folder's lock, held by the main process alone (it writes every file); the
+    others learn whether it was taken, so that all of them stop when it was not."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockedError as e:
+            refused = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise RunLockedError(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run_dir: Path, validate,
+           accelerator, quiet: bool, provenance: dict | None, run_config: dict | None) -> dict:
+    """`fit`'s training, once the run folder is locked."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"train.batch_size={cfg.batch_size} must divide evenly over {world} processes")
     torch.manual_seed(cfg.seed)
     objective.prepare(model)
     groups = objective.param_groups(model)
@@ -277,8 +311,8 @@ def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run
         if out_of_time:
             break
     bar.close()
-    # milliseconds kept: rungs._cap_did_not_bind compares them with a cap, and a tiny run on a
-    # fast machine takes under the 0.05 s that a rounding to tenths would make 0.0
+    # milliseconds kept: rungs._cap_did_not_bind compares them with a cap, and a tiny run's
+    # seconds rounded to tenths could read 0.0
     summary = {"method": objective.name, "steps": step, "seconds": round(state["seconds"], 3),
                "best_valid_accuracy": state["best"], "best_step": state["best_step"]}
     if main:

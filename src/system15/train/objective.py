@@ -1,4 +1,7 @@
-"""What every training method provides to the loop, and the pieces they share."""
+"""What every training method provides to the loop, and the pieces they share.
+
+The methods (sft, stage1, stage2, baselines) import this module, never the reverse: the
+table of methods by name lives in the package (`system15.train.objective_class`)."""
 
 from __future__ import annotations
 
@@ -168,20 +171,3 @@ def teacher_force(model, cache, positions, ids, visible, keep_layers=False, afte
     width = ids.shape[1]
     pos = positions[:, None] + torch.arange(width, device=positions.device)[None]
     return bb.forward_full(bb.embed(ids), pos, visible, cache, keep_layers, after_layer)
-
-
-def objective_class(method: str) -> type[Objective]:
-    from .baselines import Coconut, Pause
-    from .sft import CoTSFT, NoCoTSFT
-    from .stage1 import LatentDistillation
-    from .stage2 import ShortcutDistillation
-
-    table = {"cot": CoTSFT, "nocot": NoCoTSFT, "pause": Pause, "coconut": Coconut,
-             "latent": LatentDistillation, "system15": ShortcutDistillation}
-    if method not in table:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(table)}")
-    return table[method]
-
-
-def objective_for(method: str, config) -> Objective:
-    return objective_class(method)(config)

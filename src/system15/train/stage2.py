@@ -11,9 +11,9 @@ one at a time; the answer tokens go through each layer together (`tail_pass`). L
 
 with s_l = 1 (shortcut.mse_scale "none", docs/design.md's formula) or the std of the full path's
 states at layer l over the batch's steps (stop-gradient; "std"). A pretrained backbone's
-states are far larger than a small one's (SmolLM2-135M's squared error started near 1000 on
-the 2026-11-24 lease, the demo's ends near 1), so with "none" the same mu weighs the cost
-hundreds of times less there; "std" makes the error, and so mu, independent of that scale.
+states are far larger than a small one's, so with "none" the squared error swamps the compute
+cost and one mu means different things on different backbones; "std" makes the error, and so
+mu, independent of that scale (results/gsm8k_smollm2/README.md shows the swamping).
 
 with e_{l,t} from `shortcuts.compute_cost_weights`: high and growing with depth for
 non-critical steps, low and shrinking with depth for critical ones.

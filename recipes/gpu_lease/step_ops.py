@@ -1,9 +1,9 @@
 """How many operations each training step launches, per method: on a GPU these steps are
 launch-bound (results/gsm8k_smollm2/README.md), so the count predicts their cost better than
 FLOPs do. Counted on the CPU with torch.profiler (top-level ops of one forward and backward
-at batch 8; on CUDA each is one or more kernel launches). Writes step_ops.json beside this file.
+at batch 8; on CUDA each is one or more kernel launches). Writes results/gsm8k_smollm2/step_ops.json.
 
-    python results/gsm8k_smollm2/step_ops.py configs/gsm8k_smollm2.yaml
+    python recipes/gpu_lease/step_ops.py configs/gsm8k_smollm2.yaml
 """
 
 import json
@@ -34,6 +34,6 @@ for method in METHODS:  # system15 last: its prepare freezes the backbone
         loss.backward()
     counts[method] = sum(1 for e in prof.events() if e.cpu_parent is None)
     print(f"{method}: {counts[method]} ops", file=sys.stderr)
-out = Path(__file__).with_name("step_ops.json")
+out = Path(__file__).resolve().parents[2] / "results" / "gsm8k_smollm2" / "step_ops.json"
 out.write_text(json.dumps({"recipe": sys.argv[1], "batch": len(examples), "layers": model.num_layers,
                            "torch": torch.__version__, "top_level_ops_per_training_step": counts}, indent=2) + "\n")

