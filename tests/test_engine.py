@@ -220,3 +220,53 @@ def test_gathering_and_running_every_row_give_the_same_answers(examples, family,
     assert any(len({ran[layer] for ran in rows}) == 2 for rows in together for layer in range(model.num_layers)), \
         "some layer should see rows that disagree"
     assert 1 <= model.backbone._gather_from[8] <= 8
+
+
+def test_the_fill_writes_the_keys_and_values_the_layer_itself_writes(examples, family):
+    """layer_kv (a skipped layer's kv_policy "fill") against the real HF layer's own keys and
+    values, decoding (folded: one product with the norm's weight inside) and with gradients
+    (the layer's own modules); the fold follows the weights when they change."""
+    model = tiny_model(examples, family)
+    bb = model.backbone
+    g = torch.Generator().manual_seed(5)
+    ids, visible = pad(prompts_of(model, examples[:3]), model.tokenizer.pad_id, left=True)
+
+    def check():
+        with torch.no_grad():
+            cache, _, _, pos = prefill(model, ids, visible)
+            h = bb.layer_input(torch.randn(3, bb.hidden_size, generator=g)[:, None], pos[:, None])
+            ctx = bb.context(h, pos[:, None], cache)
+            own = [bb.run_layer(layer, h, ctx, cache)[1:] for layer in range(bb.num_layers)]
+            decoding = [bb.layer_kv(layer, h, ctx) for layer in range(bb.num_layers)]
+        training = [bb.layer_kv(layer, h, ctx) for layer in range(bb.num_layers)]
+        for (k0, v0), (k1, v1), (k2, v2) in zip(own, decoding, training):
+            assert torch.allclose(k0, k1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5)
+            assert torch.allclose(k0, k2, atol=1e-5) and torch.allclose(v0, v2, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        for block in bb.layers:
+            norm = block.ln_1 if family == "gpt2" else block.input_layernorm
+            norm.weight.mul_(1.5)
+            (block.attn.c_attn if family == "gpt2" else block.self_attn.k_proj).weight.add_(0.1)
+    check()
+
+
+def test_a_decoding_cache_grows_in_place_and_a_fork_writes_its_own_copy(examples, family):
+    """Decoding writes each new position into the cache's buffer (no copy of the cache per
+    step); a fork shares what was cached and writes into a copy, so neither sees the other's
+    new positions."""
+    model = tiny_model(examples, family)
+    prompts = prompts_of(model, examples[:2])
+    ids, visible = pad(prompts, model.tokenizer.pad_id, left=True)
+    with torch.inference_mode():
+        cache, last, prev, pos = prefill(model, ids, visible)
+        buffer = cache._store[0][0]
+        assert cache.keys[0]._base is buffer or cache.keys[0].data_ptr() == buffer.data_ptr()
+        child = cache.fork()
+        parent_step = decode_step(model, model.thought_input(0, last), pos, cache, prev)
+        assert cache._store[0][0] is buffer, "a step with room left writes into the same buffer"
+        child_step = decode_step(model, model.thought_input(0, last), pos, child, prev)
+        assert child._store[0][0] is not buffer
+        assert torch.equal(parent_step.hidden, child_step.hidden)
+        assert torch.equal(cache.keys[1], child.keys[1]) and cache.keys[1].shape[2] == ids.shape[1] + 1

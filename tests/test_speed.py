@@ -90,7 +90,7 @@ def test_ideal_speedup_is_the_flop_ratio_and_grows_with_the_skip_fraction(summar
             assert mine[0]["efficiency"] is None
             for r in mine[1:]:
                 assert r["efficiency"] == pytest.approx((1 - 1 / r["speedup"]) / (1 - 1 / r["ideal_speedup"]))
-                assert r["ideal_speedup_with_head"] < r["ideal_speedup"]  # the head is work no pattern skips
+                assert r["ideal_speedup"] < r["ideal_speedup_layers"]  # the head is work no pattern skips
         # skip 0 and skip 1 are one mask whatever the pattern: one shared measurement
         for f in (0.0, 1.0):
             shared = {r["measurement"] for r in rows if r["batch_size"] == b and r["skip_fraction"] == f}
@@ -104,7 +104,9 @@ def test_ideal_speedup_at_skip_zero_is_full_over_full_plus_routers(summary):
     counter, n = FlopCounter.for_model(model), len(model.tokenizer.encode(PROMPT))
     full = sum(LAYERS * counter.full_layer(n + t + 1) for t in range(3))
     row = next(r for r in result["rows"] if r["skip_fraction"] == 0.0)
-    assert row["ideal_speedup"] == pytest.approx(full / (full + 3 * LAYERS * counter.router()))
+    assert row["ideal_speedup_layers"] == pytest.approx(full / (full + 3 * LAYERS * counter.router()))
+    head = 3 * 2 * model.backbone.hidden_size * model.backbone.head(torch.zeros(1, model.backbone.hidden_size)).shape[-1]
+    assert row["ideal_speedup"] == pytest.approx((full + head) / (full + head + 3 * LAYERS * counter.router()))
 
 
 def test_efficiency_is_one_where_the_flops_promise_nothing():

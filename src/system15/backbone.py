@@ -38,12 +38,25 @@ def family_of(model: PreTrainedModel) -> str:
 @dataclass
 class KVCache:
     """Keys/values per layer, which cached positions are real (not padding), and, per layer,
-    which positions are hidden from that layer's attention (kv_policy="skip" only)."""
+    which positions are hidden from that layer's attention (kv_policy="skip" only).
+
+    `keys[l]`/`values[l]` always hold exactly the cached positions. Where nothing needs their
+    gradient (decoding), they are views of a buffer with room to grow (`_store`): a new
+    position is written into it, and attention reads the buffer's filled part, instead of
+    copying the whole cache twice per layer and step (once to append, once for attention).
+    A buffer belongs to one cache; a fork or a prefix writes into a copy of its own."""
 
     keys: list[torch.Tensor | None]
     values: list[torch.Tensor | None]
     visible: torch.Tensor | None = None  # [B, T], False on padding
     hidden: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, T] or None
+    _store: list = field(default_factory=list, repr=False)    # per layer: (keys, values) buffers, or None
+    _written: list = field(default_factory=list, repr=False)  # per layer: the keys `reserve` already wrote
+
+    def __post_init__(self):
+        layers = len(self.keys)
+        self._store = self._store or [None] * layers
+        self._written = self._written or [None] * layers
 
     @classmethod
     def empty(cls, num_layers: int) -> "KVCache":
@@ -54,7 +67,7 @@ class KVCache:
         return 0 if self.visible is None else self.visible.shape[1]
 
     def fork(self) -> "KVCache":
-        """An independent branch: tensors are shared, never written in place, so this is cheap."""
+        """An independent branch: it shares the cached tensors and writes into copies."""
         return KVCache(list(self.keys), list(self.values), self.visible, list(self.hidden))
 
     def prefix(self, length: int, visible: torch.Tensor) -> "KVCache":
@@ -86,13 +99,60 @@ class KVCache:
                    [None if all(c.hidden[i] is None for c in caches) else torch.cat([hidden(c, i) for c in caches])
                     for i in layers])
 
+    @staticmethod
+    def _in_place(k: torch.Tensor) -> bool:
+        """Whether new keys may go into a buffer: not while autograd records (training)."""
+        return not (k.requires_grad or torch.is_grad_enabled())
+
+    def reserve(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Write new positions (k, v: [B, H, q, D]) after layer `layer`'s cached ones in its
+        buffer, without counting them as cached yet, and return every position's keys and
+        values as views (what attention reads); None where they cannot go into a buffer.
+        `append_kv` with the same tensors then only counts them."""
+        if not self._in_place(k):
+            return None
+        old = self.keys[layer]
+        n = 0 if old is None else old.shape[2]
+        keys, values = self._room(layer, k, n + k.shape[2])
+        keys[:, :, n:n + k.shape[2]] = k
+        values[:, :, n:n + k.shape[2]] = v
+        self._written[layer] = k
+        return keys[:, :, :n + k.shape[2]], values[:, :, :n + k.shape[2]]
+
+    def _room(self, layer: int, k: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s buffers with room for `need` positions: a new buffer (twice the need,
+        holding what is cached) when there is none, it is full, or it does not fit k."""
+        store = self._store[layer]
+        if store is not None and store[0].shape[2] >= need and store[0].shape[0] == k.shape[0] \
+                and store[0].dtype == k.dtype and store[0].shape[3] == k.shape[3]:
+            return store
+        capacity = max(2 * need, need + 64)
+        old_k, old_v = self.keys[layer], self.values[layer]
+        keys = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+        values = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])  # values share the keys' shape
+        if old_k is not None:
+            keys[:, :, :old_k.shape[2]] = old_k
+            values[:, :, :old_v.shape[2]] = old_v
+        self._store[layer] = (keys, values)
+        return keys, values
+
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append new positions (k, v: [B, H, q, D]) to one layer."""
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = k, v
+        old = self.keys[layer]
+        if not self._in_place(k):
+            self._store[layer] = None  # views of a buffer must not be written once autograd holds them
+            self.keys[layer] = k if old is None else torch.cat([old, k], dim=2)
+            self.values[layer] = v if old is None else torch.cat([self.values[layer], v], dim=2)
+            return
+        n, q = 0 if old is None else old.shape[2], k.shape[2]
+        if self._written[layer] is k:  # `reserve` wrote them for attention already
+            keys, values = self._store[layer]
         else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+            keys, values = self._room(layer, k, n + q)
+            keys[:, :, n:n + q] = k
+            values[:, :, n:n + q] = v
+        self._written[layer] = None
+        self.keys[layer], self.values[layer] = keys[:, :, :n + q], values[:, :, :n + q]
 
     def append_positions(self, visible: torch.Tensor, hidden: list[torch.Tensor | None] | None = None) -> None:
         """Record q new positions (visible: [B, q]); `hidden[l]` marks those layer l must not see."""
@@ -128,8 +188,11 @@ class _RowsView:
         past_k, past_v = self.cache.keys[self.layer], self.cache.values[self.layer]
         if past_k is None:
             return k, v
-        if self.rows is not None:
-            past_k, past_v = past_k[self.rows], past_v[self.rows]
+        if self.rows is not None:  # a subset of the rows: their cache is gathered (a copy) for attention
+            return torch.cat([past_k[self.rows], k], dim=2), torch.cat([past_v[self.rows], v], dim=2)
+        written = self.cache.reserve(self.layer, k, v)
+        if written is not None:
+            return written
         return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
 
@@ -242,16 +305,37 @@ class Backbone(nn.Module):
             x = F.layer_norm(h_in, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             kv = torch.addmm(proj.bias[cols], x.reshape(-1, x.shape[-1]), proj.weight[:, cols])
             return self.split_kv(layer, kv, h_in.shape[:-1])
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import rotate_half
 
-        attn = block.self_attn
         shape = (*h_in.shape[:-1], -1, self.head_dim(layer))
-        x = block.input_layernorm(h_in)
-        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape).transpose(1, 2)
-        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
-        cos, sin = ctx.rotary
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        return k, v
+        if torch.is_grad_enabled():  # training reads the layer's own modules, so gradients reach them
+            attn = block.self_attn
+            x = block.input_layernorm(h_in)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape).transpose(1, 2)
+            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
+        else:  # decoding: one product, the RMSNorm's weight folded into K|V (`_llama_kv`)
+            norm = block.input_layernorm
+            weight, bias = self._llama_kv(layer)
+            scale = torch.rsqrt(h_in.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            k, v = F.linear((h_in.float() * scale).to(h_in.dtype), weight, bias).chunk(2, dim=-1)
+            k, v = k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in ctx.rotary)
+        return k * cos + rotate_half(k) * sin, v
+
+    def _llama_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Llama layer `layer`'s K and V projections stacked into one matrix, with its input
+        RMSNorm's weight folded in (the norm scales each input dimension before the product),
+        and their biases; made again whenever one of those weights changes."""
+        attn, norm = self.layers[layer].self_attn, self.layers[layer].input_layernorm
+        sources = (attn.k_proj.weight, attn.v_proj.weight, norm.weight)
+        stamp = tuple((t.data_ptr(), t._version) for t in sources)
+        folds = self.__dict__.setdefault("_kv_folds", {})
+        if layer not in folds or folds[layer][0] != stamp:
+            with torch.no_grad():
+                weight = torch.cat([attn.k_proj.weight, attn.v_proj.weight]) * norm.weight[None, :]
+                bias = None if attn.k_proj.bias is None else torch.cat([attn.k_proj.bias, attn.v_proj.bias])
+            folds[layer] = (stamp, weight, bias)
+        return folds[layer][1], folds[layer][2]
 
     def kv_projection(self, layer: int) -> tuple[nn.LayerNorm, nn.Module, slice] | None:
         """GPT-2: the layer's input LayerNorm, its attention input projection (HF Conv1D,

@@ -16,8 +16,8 @@ does the same work but for the layers it skips:
 Each configuration is timed interleaved with the full path, call by call (pattern, full;
 full, pattern the next round), for several rounds; each keeps its best (least) time, and the
 row's full-path time is the best of the full-path calls paired with it. Rows report the
-speedup, the speedup the FLOPs predict (`ideal_speedup`, from flops.FlopCounter, which leaves
-out the LM head; `ideal_speedup_with_head` adds it) and the efficiency, the share of the
+speedup, the speedup the FLOPs of the whole step predict (`ideal_speedup`: flops.FlopCounter's
+count plus the LM head; `ideal_speedup_layers` leaves the head out) and the efficiency, the share of the
 predicted time saving that the clock shows. Writes results/<name>/summary.json, summary.md
 and speedup.png (docs/speed.md).
 """
@@ -337,10 +337,10 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - began, 1),
             "load_average": {"before": load_before, "after": _load_average()},  # other work on the machine meanwhile
         },
-        "flops_note": "ideal_speedup: full-path FLOPs per step / the pattern's, counted by system15.flops.FlopCounter "
-                      "(matrix products of the layers that ran, attention over the cache, the routers at every "
-                      "layer, the adapters and K/V fill of skipped layers); it leaves out the LM head, which "
-                      "ideal_speedup_with_head adds to both.",
+        "flops_note": "ideal_speedup: full-path FLOPs per step / the pattern's, the whole step as the clock times it: "
+                      "system15.flops.FlopCounter's count (matrix products of the layers that ran, attention over "
+                      "the cache, the routers at every layer, the adapters and K/V fill of skipped layers) plus the "
+                      "LM head, which no pattern skips; ideal_speedup_layers leaves the head out.",
     }
     write_results(summary, Path(results_root) / config.name)
     return summary
@@ -448,14 +448,14 @@ def _key(pattern: str, fraction: float, layers: int) -> str:
 
 def _row(backbone, batch, pattern, fraction, skipped, c: Config, full_flops, flops, head, steps) -> dict:
     latency, full = _kept(c.times), _kept(c.full_times)
-    speedup, ideal = full / latency, full_flops / flops
-    ideal_head = (full_flops + head) / (flops + head)
+    speedup, layers_only = full / latency, full_flops / flops
+    ideal = (full_flops + head) / (flops + head)  # the whole step: the clock times the LM head too
     return {
         "backbone": backbone, "batch_size": batch, "pattern": pattern, "skip_fraction": fraction,
         "latency_ms": 1000 * latency, "full_latency_ms": 1000 * full, "speedup": speedup,
         "ideal_speedup": ideal, "efficiency": efficiency(speedup, ideal),
-        "layers_skipped": skipped, "ideal_speedup_with_head": ideal_head,
-        "efficiency_with_head": efficiency(speedup, ideal_head),
+        "layers_skipped": skipped, "ideal_speedup_layers": layers_only,
+        "efficiency_layers": efficiency(speedup, layers_only),
         "latency_median_ms": 1000 * statistics.median(c.times), "full_latency_median_ms": 1000 * statistics.median(c.full_times),
         "measurement": f"b{batch}/{c.key}", "rounds": len(c.times), "steps": steps,
     }
@@ -655,13 +655,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown_rows(rows: list[dict]) -> str:
-    lines = ["| batch | pattern | skip | latency (ms/step) | full path (ms/step) | speedup | ideal (FLOPs) | efficiency | ideal with head | efficiency with head |",
+    lines = ["| batch | pattern | skip | latency (ms/step) | full path (ms/step) | speedup | ideal (FLOPs) | efficiency | ideal, layers only | efficiency, layers only |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch_size']} | {r['pattern']} | {r['skip_fraction']:.2f} | {r['latency_ms']:.2f} | "
                      f"{r['full_latency_ms']:.2f} | {r['speedup']:.3f}x | {r['ideal_speedup']:.3f}x | "
-                     f"{_fmt(r['efficiency'], '.2f')} | {r['ideal_speedup_with_head']:.3f}x | "
-                     f"{_fmt(r['efficiency_with_head'], '.2f')} |")
+                     f"{_fmt(r['efficiency'], '.2f')} | {r['ideal_speedup_layers']:.3f}x | "
+                     f"{_fmt(r['efficiency_layers'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -728,9 +728,9 @@ def plot_speedups(summary: dict, path: Path) -> Path:
     for ax, b in zip(axes[0], batches):
         mine = [r for r in rows if r["batch_size"] == b]
         ideal = sorted({(r["skip_fraction"], r["ideal_speedup"]) for r in mine if r["pattern"] == mine[0]["pattern"]})
-        ax.plot(*zip(*ideal), "k--", label="ideal (FLOPs)")
-        ideal_head = sorted({(r["skip_fraction"], r["ideal_speedup_with_head"]) for r in mine if r["pattern"] == mine[0]["pattern"]})
-        ax.plot(*zip(*ideal_head), "k:", label="ideal, LM head counted")
+        ax.plot(*zip(*ideal), "k--", label="ideal (FLOPs of the step)")
+        layers = sorted({(r["skip_fraction"], r["ideal_speedup_layers"]) for r in mine if r["pattern"] == mine[0]["pattern"]})
+        ax.plot(*zip(*layers), "k:", label="ideal, layers only (LM head left out)")
         for pattern in PATTERNS:
             points = sorted((r["skip_fraction"], r["speedup"]) for r in mine if r["pattern"] == pattern)
             if points:
