@@ -162,7 +162,7 @@ def test_a_hub_id_loads_offline_from_the_cache_and_an_unknown_one_fails_in_one_l
 
 
 def test_train_and_test_files_that_share_questions_are_refused(tmp_path, examples):
-    from system15.pipeline import load_splits
+    from system15.data import load_splits
 
     train = write_jsonl(tmp_path / "train.jsonl", examples[:8])
     test = write_jsonl(tmp_path / "test.jsonl", examples[6:10])
@@ -178,7 +178,7 @@ def test_train_and_test_files_that_share_questions_are_refused(tmp_path, example
 def test_a_single_file_is_split_by_a_seeded_hold_out_without_overlap(tmp_path):
     examples = SyntheticTask(n_steps=2).generate(200, seed=5)
     path = write_jsonl(tmp_path / "all.jsonl", examples + examples[:20])  # repeats stay on one side
-    from system15.pipeline import load_splits
+    from system15.data import load_splits
 
     splits = load_splits(system15.load_config(None, ["task.name=files", f"task.train={path}", "task.n_valid=500"]))
     keys = {name: {question_key(e.question) for e in split} for name, split in splits.items()}

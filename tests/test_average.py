@@ -120,19 +120,19 @@ def test_best_holds_the_average_and_a_resumed_run_keeps_it(tmp_path):
 
 
 def test_a_run_is_scored_with_and_without_its_average_at_its_last_checkpoint(tmp_path, monkeypatch):
-    """pipeline.average_worth decodes the last checkpoint's own weights and its average (each
+    """measure.average_worth decodes the last checkpoint's own weights and its average (each
     decode here reports a fingerprint of the weights it ran on, so the test sees which)."""
     from safetensors.torch import load_model
 
-    from system15 import pipeline
+    from system15 import measure
 
     torch.set_num_threads(1)
     model = ema_run(tmp_path / "run")
     config = tiny_config(steps=30, eval_every=10, ema=0.8)
     fingerprint = "backbone.lm.transformer.wte.weight"
-    monkeypatch.setattr(pipeline, "evaluate", lambda m, examples, **_: float(dict(m.named_parameters())[fingerprint].detach().sum()))
-    monkeypatch.setattr(pipeline, "accuracy", lambda value: value)
-    worth = pipeline.average_worth(config, "cot", tmp_path / "run", model, {"valid": [], "test": []})
+    monkeypatch.setattr(measure, "evaluate", lambda m, examples, **_: float(dict(m.named_parameters())[fingerprint].detach().sum()))
+    monkeypatch.setattr(measure, "accuracy", lambda value: value)
+    worth = measure.average_worth(config, "cot", tmp_path / "run", model, {"valid": [], "test": []})
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000030"
     probe = load_reasoning_model(tmp_path / "run" / "best")  # the structure; the checkpoint's own weights next
@@ -142,4 +142,4 @@ def test_a_run_is_scored_with_and_without_its_average_at_its_last_checkpoint(tmp
     assert own != average
     assert worth == {"ema": 0.8, "step": 30, "valid_own": own, "test_own": own, "valid_average": average, "test_average": average}
     off = tiny_config(steps=30, eval_every=10)
-    assert pipeline.average_worth(off, "cot", tmp_path / "run", model, {"valid": [], "test": []}) is None
+    assert measure.average_worth(off, "cot", tmp_path / "run", model, {"valid": [], "test": []}) is None

@@ -152,8 +152,8 @@ def test_nan_on_one_process_stops_every_process(two_processes):
 
 
 def test_the_cli_trains_with_two_processes(tmp_path):
-    """The user's path: `accelerate launch ... -m system15.cli train` (pipeline -> fit with the
-    pipeline's own Accelerator, which fit sets up to find unused parameters)."""
+    """The user's path: `accelerate launch ... -m system15.cli train` (rungs.train_rung -> fit with the
+    rung's own Accelerator, which fit sets up to find unused parameters)."""
     recipe = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     tiny = ["backbone.family=gpt2", "backbone.n_layer=2", "backbone.n_embd=32", "backbone.n_head=2",
             "task.name=synthetic", "task.n_train=64", "task.n_valid=7", "task.max_new_tokens=24",

@@ -6,7 +6,7 @@ import json
 import math
 
 from system15.config import METHODS, load_config
-from system15.pipeline import run_ladder
+from system15.recipes.ladder import run_ladder
 
 from conftest import DATA_ROOT, ROOT
 

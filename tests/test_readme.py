@@ -112,47 +112,53 @@ def test_page_figures_and_links_exist(page):
             assert ((ROOT / page).parent / target).exists(), f"{page}: {target}"
 
 
-def test_results_commands_keep_the_readme_tables_in_step(tmp_path, monkeypatch):
-    """write_summary rewrites the table of the summary it writes on every page that quotes it
-    (the README, docs/*.md), and nothing else."""
+def test_report_sync_keeps_the_pages_tables_in_step_and_a_run_does_not_touch_them(tmp_path, monkeypatch):
+    """A results command writes its summary only; `system15 report --sync` rewrites the
+    tables of that summary on every page that quotes it (the README, docs/*.md), and nothing
+    else; without --sync it only says which pages are out of step."""
+    from system15.cli import main
     from system15.report import write_summary
 
     readme = tmp_path / "README.md"
     other = "<!-- results: elsewhere/summary.json -->\n| old |\n<!-- /results -->"
-    readme.write_text(f"# title\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n\nprose\n\n{other}\n"
-                      "<!-- compact: out/summary.json -->\n| stale |\n<!-- /compact -->\n")
+    readme.write_text(f"# title\n\n<!-- results: results/out/summary.json -->\n| stale |\n<!-- /results -->\n\nprose\n\n"
+                      f"{other}\n<!-- compact: results/out/summary.json -->\n| stale |\n<!-- /compact -->\n")
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "levers.md"
-    doc.write_text("# levers\n\n<!-- results: out/summary.json -->\n| stale |\n<!-- /results -->\n")
+    doc.write_text("# levers\n\n<!-- results: results/out/summary.json -->\n| stale |\n<!-- /results -->\n")
     rows = [{"method": "cot", "accuracy": 0.5, "decoding_steps": 3.0, "train_steps": 10}]
     summary = {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows}
     monkeypatch.chdir(tmp_path)  # results commands run from the repository root; paths match as the README writes them
-    write_summary("out", summary)
+    before = readme.read_text()
+    write_summary("results/out", summary)
+    assert readme.read_text() == before, "a run writes its results, not the pages"
+    assert main(["report"]) == 1 and readme.read_text() == before
+    assert main(["report", "--sync"]) == 0
     text = readme.read_text()
-    compact = markdown_table(rows, COMPACT)
-    assert "training steps" not in compact and f"<!-- compact: out/summary.json -->\n{compact}\n<!-- /compact -->" in text
-    assert f"<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n\nprose\n" in text
+    assert f"<!-- results: results/out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n\nprose\n" in text
     assert "| stale |" not in text and other in text and text.startswith("# title\n")
-    assert doc.read_text() == f"# levers\n\n<!-- results: out/summary.json -->\n{markdown_table(rows)}\n<!-- /results -->\n"
-    untouched = readme.read_text()
-    write_summary(tmp_path / "somewhere", summary, to=[readme])  # a path the README does not quote
-    assert readme.read_text() == untouched
+    compact = markdown_table(rows, COMPACT)
+    assert "training steps" not in compact and f"<!-- compact: results/out/summary.json -->\n{compact}\n<!-- /compact -->" in text
+    assert doc.read_text() == (f"# levers\n\n<!-- results: results/out/summary.json -->\n{markdown_table(rows)}\n"
+                               "<!-- /results -->\n")
+    assert main(["report"]) == 0
 
 
-def test_results_commands_keep_the_readme_notes_in_step(tmp_path, monkeypatch):
+def test_report_sync_keeps_the_readme_notes_in_step(tmp_path, monkeypatch):
     """The notes block is rewritten with what summary.md says below its table, also when
     the README's block is still empty; the prose around it is left alone."""
-    from system15.report import write_summary
+    from system15.report import sync_pages, write_summary
 
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- notes: out/summary.json -->\n<!-- /notes -->\n\nprose 1.23x\n")
+    readme.write_text("<!-- notes: results/out/summary.json -->\n<!-- /notes -->\n\nprose 1.23x\n")
     rows = [{"method": "cot", "accuracy": 0.9}, {"method": "latent", "accuracy": 0.5}]
     summary = {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows,
                "stage1_align": {"segment": 0.25, "chosen": "segment"}}
     monkeypatch.chdir(tmp_path)
-    write_summary("out", summary)
+    write_summary("results/out", summary)
+    assert sync_pages() == [Path("README.md")]
     text = readme.read_text()
     said = "\n\n".join(notes(summary))
     assert "segment: 25.0%" in said and "50.0% against 81.0%" in said
-    assert text == f"<!-- notes: out/summary.json -->\n{said}\n<!-- /notes -->\n\nprose 1.23x\n"
-    assert said in (tmp_path / "out" / "summary.md").read_text()
+    assert text == f"<!-- notes: results/out/summary.json -->\n{said}\n<!-- /notes -->\n\nprose 1.23x\n"
+    assert said in (tmp_path / "results" / "out" / "summary.md").read_text()

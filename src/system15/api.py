@@ -32,7 +32,8 @@ def fit(method: str, config: RunConfig | str | os.PathLike | None = None, overri
     starts from the rung before it (cot <- latent <- system15; pause and coconut <- cot),
     which must be trained first in the same runs folder; a finished rung is loaded, not
     trained again, and an interrupted one resumes."""
-    from .pipeline import ladder_rung, load_splits
+    from .data import load_splits
+    from .rungs import ladder_rung
     from .runtime import device_for
 
     if not isinstance(config, RunConfig):

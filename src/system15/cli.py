@@ -29,31 +29,42 @@ def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings to override, e.g. stages.cot.steps=200")
 
 
+def _pages_hint(results: str) -> None:
+    from .report import sync_pages
+
+    stale = sync_pages(results, write=False)
+    if stale:
+        print(f"pages quoting these results: {', '.join(map(str, stale))} (`system15 report --sync` rewrites them)")
+
+
 def cmd_bench(args) -> int:
-    from .pipeline import run_ladder
+    from .recipes.ladder import run_ladder
     from .report import markdown_table
 
     config = load_config(args.recipe, args.overrides)
     summary = run_ladder(config, runs_root=args.runs, results_root=args.results, command=_command_line(args.argv))
     print(markdown_table(summary["rows"]))
     print(f"\nwritten: {Path(args.results) / config.name / 'summary.json'}")
+    _pages_hint(args.results)
     return 0
 
 
 def cmd_ablate(args) -> int:
     from .config import load_ablation
-    from .pipeline import run_ablation
+    from .recipes.ablation import run_ablation
     from .report import markdown_table
 
     ablation = load_ablation(args.ablation)
     summary = run_ablation(ablation, runs_root=args.runs, results_root=args.results, command=_command_line(args.argv))
     print(markdown_table(summary["rows"]))
     print(f"\nwritten: {Path(args.results) / ablation.name / 'summary.json'}")
+    _pages_hint(args.results)
     return 0
 
 
 def cmd_train(args) -> int:
-    from .pipeline import load_splits, train_rung
+    from .data import load_splits
+    from .rungs import train_rung
 
     config = load_config(args.recipe, args.overrides)
     splits = load_splits(config)
@@ -96,23 +107,29 @@ def cmd_explain(args) -> int:
 
 
 def cmd_report(args) -> int:
-    """Rewrite every ladder or ablation summary.md under --results, and the blocks of the
-    pages (README.md, docs/*.md) that quote them, from the summary.json files alone."""
-    from .report import write_summary
+    """Rewrite every ladder or ablation summary.md under --results from its summary.json; with
+    --sync also the blocks of the pages (README.md, docs/*.md) that quote them, which are
+    otherwise only checked (exit 1 when one is out of step)."""
+    from .report import ladder_summaries, sync_pages, write_summary
 
-    written = 0
-    for path in sorted(Path(args.results).glob("*/summary.json")):
-        summary = json.loads(path.read_text())
-        if all("method" in row for row in summary.get("rows", [{}])):  # the ladder's schema (not speed's)
-            write_summary(path.parent, summary)
-            written += 1
-    print(f"{written} summaries rewritten, with the pages that quote them")
+    summaries = ladder_summaries(args.results)
+    for path in summaries:
+        write_summary(path.parent, json.loads(path.read_text()))
+    changed = sync_pages(args.results, write=args.sync)
+    names = ", ".join(str(p) for p in changed)
+    if args.sync:
+        print(f"{len(summaries)} summaries; pages rewritten: {names or 'none (all in step)'}")
+        return 0
+    if changed:
+        print(f"out of step with the results: {names}; `system15 report --sync` rewrites them")
+        return 1
+    print(f"{len(summaries)} summaries; every page in step")
     return 0
 
 
 def cmd_data(args) -> int:
     from .data import write_aug_lines
-    from .pipeline import load_splits
+    from .data import load_splits
 
     config = load_config(args.recipe, args.overrides)
     examples = load_splits(config)[args.split]
@@ -213,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results go to RESULTS/<name>/")
     p.set_defaults(func=cmd_speed)
 
-    p = sub.add_parser("report", help="rewrite summary.md and the README/docs blocks from every results/*/summary.json")
+    p = sub.add_parser("report", help="rewrite every results/*/summary.md; --sync: also the README and docs blocks that quote them")
     p.add_argument("--results", default="results")
+    p.add_argument("--sync", action="store_true", help="rewrite the pages' blocks (else only check them: exit 1 when out of step)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="list every setting with its help")

@@ -137,18 +137,20 @@ class ReasoningModel(nn.Module):
         spec takes the config's inference settings. P or the pause embeddings start afresh
         where the new config changes their shape, which is refused when these weights were
         trained: the parent's method used them."""
-        device = self.pause.device
+        device, width = self.pause.device, self.backbone.hidden_size
         new = ModelSpec.from_run(config, method=self.method, thought=self.thought, K=self.spec.K)
-        if new.projection_hidden != self.spec.projection_hidden:
+        reshape_p = (new.projection_hidden or width) != (self.spec.projection_hidden or width)
+        reshape_pause = max(new.pause_K, 1) != max(self.spec.pause_K, 1)
+        if reshape_p:
             self._refuse_if_trained("latent.projection_hidden", self.method in ("latent", "system15"))
-        if new.pause_K != self.spec.pause_K:
+        if reshape_pause:
             self._refuse_if_trained("latent.pause_K", self.method == "pause")
         if self.shortcuts is not None and (new.adapter_dim, new.router_hidden) != (self.spec.adapter_dim, self.spec.router_hidden):
             self._refuse_if_trained("shortcut.adapter_dim / shortcut.router_hidden", True)
-        old, self.spec = self.spec, new
-        if new.projection_hidden != old.projection_hidden:
+        self.spec = new
+        if reshape_p:
             self.projection = self._fresh_projection().to(device)
-        if new.pause_K != old.pause_K:
+        if reshape_pause:
             self.pause = nn.Parameter(self._fresh_pause().data.to(device))
 
     def _refuse_if_trained(self, setting: str, trained: bool) -> None:

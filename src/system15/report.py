@@ -179,38 +179,61 @@ PAGES = ("README.md", "docs/*.md")  # the pages that quote results, from the fol
 
 
 def pages(root: str | Path = ".") -> list[Path]:
-    """The Markdown pages whose results blocks `write_summary` keeps in step (`PAGES`)."""
+    """The Markdown pages whose results blocks `sync_pages` keeps in step (`PAGES`)."""
     return [page for pattern in PAGES for page in sorted(Path(root).glob(pattern))]
 
 
-def write_summary(out_dir: str | Path, summary: dict, to: list[str | Path] | None = None) -> Path:
-    """summary.json and summary.md in `out_dir`; and the blocks of this summary.json on every
-    page that quotes them (`to`, default `pages()`; see `sync_page`), so the README and the
-    docs stay in step with the results."""
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """summary.json and summary.md in `out_dir`. The pages that quote them are rewritten by
+    `sync_pages` (`system15 report --sync`), never as a side effect of a run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    table, paragraphs = markdown_table(summary["rows"]), notes(summary)
     md = [f"# {out.name}", "", f"task: `{summary['task']}` · backbone: `{summary['backbone']}` · device: {summary['device']}",
-          "", table, "", f"Regenerate: `{summary['command']}`", ""]
-    md += [line for p in paragraphs for line in (p, "")]
+          "", markdown_table(summary["rows"]), "", f"Regenerate: `{summary['command']}`", ""]
+    md += [line for p in notes(summary) for line in (p, "")]
     write_text_atomic(out / "summary.md", "\n".join(md))
-    for page in pages() if to is None else to:
-        sync_page(page, out / "summary.json", {"results": table, "compact": markdown_table(summary["rows"], COMPACT),
-                                               "notes": "\n\n".join(paragraphs)})
     return out / "summary.json"
+
+
+def blocks(summary: dict) -> dict[str, str]:
+    """What a page quoting `summary` shows in each kind of block (BLOCKS)."""
+    return {"results": markdown_table(summary["rows"]), "compact": markdown_table(summary["rows"], COMPACT),
+            "notes": "\n\n".join(notes(summary))}
+
+
+def ladder_summaries(results_root: str | Path = "results") -> list[Path]:
+    """The summary.json files of ladders and ablations under `results_root` (rows by method)."""
+    found = []
+    for path in sorted(Path(results_root).glob("*/summary.json")):
+        rows = json.loads(path.read_text()).get("rows") or [{}]
+        if all("method" in row for row in rows):
+            found.append(path)
+    return found
+
+
+def sync_pages(results_root: str | Path = "results", to: list[str | Path] | None = None, write: bool = True) -> list[Path]:
+    """Bring every block of the pages (`to`, default `pages()`) that quotes a summary under
+    `results_root` in step with it; returns the pages that changed (or, with write=False,
+    that would). Paths match as the pages write them, relative to the folder this runs in."""
+    changed = []
+    summaries = {path: blocks(json.loads(path.read_text())) for path in ladder_summaries(results_root)}
+    for page in pages() if to is None else to:
+        if any(sync_page(page, path, kinds, write=write) for path, kinds in summaries.items()):
+            changed.append(Path(page))
+    return changed
 
 
 # <!-- results: PATH --> the table; <!-- compact: PATH --> its COMPACT columns; <!-- notes: PATH --> what follows it
 BLOCKS = ("results", "compact", "notes")
 
 
-def sync_page(page: str | Path, summary_path: str | Path, blocks: dict[str, str]) -> bool:
+def sync_page(page: str | Path, summary_path: str | Path, blocks: dict[str, str], write: bool = True) -> bool:
     """Replace each block a Markdown page quotes from `summary_path`, between
     `<!-- KIND: <summary_path> -->` and `<!-- /KIND -->`, by `blocks[KIND]` (KIND one of
     BLOCKS). The path is matched as written (relative to the folder the command runs
     in). Returns whether the page changed; a page that is missing or quotes no such block is
-    left alone."""
+    left alone; `write=False` only tells whether it would change."""
     page = Path(page)
     if not page.is_file():
         return False
@@ -229,7 +252,8 @@ def sync_page(page: str | Path, summary_path: str | Path, blocks: dict[str, str]
         new = new[:begin] + body + new[end:]
     if new == text:
         return False
-    write_text_atomic(page, new)
+    if write:
+        write_text_atomic(page, new)
     return True
 
 

@@ -1,7 +1,13 @@
-"""Run folders of the ladder: which rung starts from which, what each one's training
-depends on, and a refusal to reuse a finished (or resumable) run trained on something else.
+"""The rungs of the ladder and their run folders: which rung starts from which, training a
+rung (or reusing it), and choosing between candidate runs of one rung.
 
-A rung's training depends on
+    cot, nocot  <- fresh backbone
+    pause, coconut, latent  <- the CoT-SFT model
+    system15  <- the stage-1 latent model (backbone and P frozen)
+
+Each rung lives in runs/<name>/<method>/ and is skipped once finished, so an interrupted
+ladder resumes where it stopped (and a rung interrupted mid-training resumes from its last
+checkpoint). A rung's training depends on
 - the task and the backbone (every key but `task.n_test`, which only the test set reads);
 - its own `stages.<method>` entry;
 - the keys its objective lists in `Objective.settings` (pause reads `latent.pause_K`, ...);
@@ -16,37 +22,23 @@ table would mix runs trained on different settings.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-from functools import cache
+import shutil
 from pathlib import Path
 
-from .checkpoint import MANIFEST
-from .config import RunConfig, TrainConfig, merge
-from .model import WEIGHTS_FILE
-from .train import objective_class
+from .checkpoint import MANIFEST, latest_good
+from .config import METHOD_ALIGN_RULES, RunConfig, TrainConfig, merge
+from .data import DataError, Example
+from .distributed import shard_map
+from .evaluate import accuracy, evaluate
+from .layout import cot_target, encode, prompt
+from .model import WEIGHTS_FILE, ReasoningModel, build_model, load_reasoning_model
+from .runtime import accelerator_for, autocast, device_for
+from .train import objective_class, objective_for
+from .train.loop import LOG_FILE, fit, is_done, log_entries
 
 INIT_FROM = {"cot": None, "nocot": None, "pause": "cot", "coconut": "cot", "latent": "cot", "system15": "latent"}
-TEST_RECORDS = "test_records.json"  # a finished rung's test-set records, kept by pipeline.evaluate_rung
-# The source that turns weights into test records: decoding, the layers, the shortcuts, the
-# tokenizer, the layout of a prompt, and how an answer is read and scored.
-DECODING_SOURCES = ("engine.py", "backbone.py", "shortcuts.py", "model.py", "tokenizer.py", "layout.py", "inference.py",
-                    "evaluate.py", "flops.py", "data/formats.py", "data/records.py")
-
-
-@cache
-def decoding_digest() -> str:
-    """SHA-256 over DECODING_SOURCES and the torch and transformers versions, so that test
-    records decoded by other code (an engine change, a library upgrade) are decoded again
-    instead of reused."""
-    import torch
-    import transformers
-
-    package = Path(__file__).parent
-    h = hashlib.sha256(f"torch {torch.__version__}\0transformers {transformers.__version__}\0".encode())
-    for name in DECODING_SOURCES:
-        h.update(name.encode() + b"\0" + (package / name).read_bytes())
-    return h.hexdigest()
 
 
 class StaleRunError(RuntimeError):
@@ -146,3 +138,141 @@ def check_reusable(run_dir: Path, method: str, config: dict, train: dict, runs_d
                             + "\n  ".join(diffs)
                             + f"\nMove or delete {run_dir} to retrain it, or give the new settings their own run "
                               "(an ablation variant, or another `name`).")
+
+
+# -- training a rung, and choosing between candidate runs ---------------------------------
+
+def check_lengths(model: ReasoningModel, examples: list[Example], encoded) -> None:
+    """Refuse training examples longer than the backbone's positions, naming the line."""
+    limit = model.backbone.max_positions
+    for example, e in zip(examples, encoded):
+        length = len(prompt(model.tokenizer, e)) + len(cot_target(model.tokenizer, e))
+        if length > limit:
+            path, _, line = example.source.rpartition(":")
+            raise DataError(path or example.source, int(line) if line.isdigit() else None, "question",
+                            f"{length} tokens with its chain and answer; the backbone has {limit} positions")
+
+
+def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name: str | None = None) -> ReasoningModel:
+    """Train one method (or load it when its rung is already done); returns its best model.
+    A finished or resumable run is only reused if it was trained on the same settings, from
+    the same parent weights (`rungs.check_reusable`); otherwise StaleRunError says why."""
+    run_dir = runs_dir / (run_name or method)
+    objective = objective_for(method, config)
+    done = is_done(run_dir)
+    if done or latest_good(run_dir) is not None:
+        check_reusable(run_dir, method, config.to_dict(), vars(config.stage(method)), runs_dir)
+    if not done:
+        parent = INIT_FROM[method]
+        if parent is None:
+            texts = [e.text for e in splits["train"]]
+            model = build_model(config, texts)
+        else:
+            model = load_reasoning_model(runs_dir / parent / "best", config)
+        model.to(device_for(config))
+        valid = splits["valid"]
+
+        def validate(m):  # every process scores its own shard; the records are gathered in order
+            with autocast(config):  # K and route: the model's own, as the objective labelled it
+                return accuracy(shard_map(lambda chunk: evaluate(m, chunk, batch_size=config.eval.batch_size), valid))
+
+        encoded = [encode(model.tokenizer, e) for e in splits["train"]]
+        check_lengths(model, splits["train"], encoded)
+        fit(model, objective, encoded, config.stage(method), run_dir, validate, accelerator=accelerator_for(config),
+            provenance=provenance(method, runs_dir), run_config=config.to_dict())
+    model = load_reasoning_model(run_dir / "best", config)
+    return model.to(device_for(config))
+
+
+def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict]:
+    """Stage 1 with the configured alignment rule, and (compare_align) docs/design.md's rules too;
+    the best on validation becomes runs/<name>/latent, every score is recorded."""
+    rules = [config.latent.align] + ([r for r in METHOD_ALIGN_RULES if r != config.latent.align]
+                                    if config.latent.compare_align else [])
+    scores = _train_candidates(config, "latent", splits, runs_dir, "latent", "align", rules, rule_run)
+    chosen = max(scores, key=scores.get)
+    return _keep(config, "latent", runs_dir, rule_run(chosen)), {**scores, "chosen": chosen}
+
+
+def train_stage2(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict | None]:
+    """Stage 2 at `shortcut.mu`, or with `shortcut.mu_grid` at each weight of the grid (runs
+    <name>/system15-mu_<weight>, the runs an ablation variant `mu <weight>` trains too); the
+    largest weight whose best validation accuracy is within `shortcut.mu_tolerance` points of
+    stage 1's becomes runs/<name>/system15 (`choose_mu`), every score is recorded."""
+    grid = config.shortcut.mu_grid
+    if not grid:
+        return train_rung(config, "system15", splits, runs_dir), None
+    scores = _train_candidates(config, "system15", splits, runs_dir, "shortcut", "mu", grid, _mu_run)
+    stage1 = _best_score(runs_dir / "latent")
+    chosen = choose_mu(scores, stage1, config.shortcut.mu_tolerance)
+    model = _keep(config, "system15", runs_dir, _mu_run(chosen))
+    return model, {"scores": {f"{mu:g}": acc for mu, acc in scores.items()}, "stage1": stage1,
+                   "tolerance": config.shortcut.mu_tolerance, "chosen": chosen}
+
+
+def rule_run(rule: str) -> str:
+    return f"latent-{rule}"
+
+
+def _mu_run(mu: float) -> str:
+    return f"system15-mu_{mu:g}"
+
+
+def _train_candidates(config: RunConfig, method: str, splits, runs_dir: Path, section: str, key: str,
+                      values, run_name) -> dict:
+    """Train `method` once per value of the setting `<section>.<key>`, each into
+    runs/<name>/<run_name(value)> (or load it, as `train_rung` does); value -> its best
+    validation accuracy. Stage 1's rules and stage 2's weights are chosen among these."""
+    scores = {}
+    for value in values:
+        cfg = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{key: value})})
+        train_rung(cfg, method, splits, runs_dir, run_name=run_name(value))
+        scores[value] = _best_score(runs_dir / run_name(value))
+    return scores
+
+
+def choose_mu(scores: dict[float, float], stage1: float, tolerance: float) -> float:
+    """The largest compute weight whose validation accuracy (`scores`, mu -> accuracy) is at
+    most `tolerance` points below stage 1's; when none is, the most accurate (ties: the smaller)."""
+    kept = [mu for mu, acc in scores.items() if acc >= stage1 - tolerance / 100 - 1e-9]
+    return max(kept) if kept else max(scores, key=lambda mu: (scores[mu], -mu))
+
+
+def _keep(config: RunConfig, method: str, runs_dir: Path, chosen: str) -> ReasoningModel:
+    """Make runs/<name>/<method> the chosen run (a copy without its checkpoints, unless it
+    already holds the same weights), and load it."""
+    target, chosen_dir = runs_dir / method, runs_dir / chosen
+    if not is_done(target) or weights_digest(target / "best") != weights_digest(chosen_dir / "best"):
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(chosen_dir, target, ignore=shutil.ignore_patterns("checkpoints"))
+    return load_reasoning_model(target / "best", config).to(device_for(config))
+
+
+def ladder_rung(config: RunConfig, method: str, splits, runs_dir: Path) -> ReasoningModel:
+    """A rung as the ladder trains it: stage 1 keeps the best of its alignment rules, which
+    need not be the rule the recipe names, and stage 2 the weight `choose_mu` picks."""
+    return ladder_rung_and_choice(config, method, splits, runs_dir)[0]
+
+
+def ladder_rung_and_choice(config: RunConfig, method: str, splits, runs_dir: Path) -> tuple[ReasoningModel, dict | None]:
+    """`ladder_rung`, with the record of the choice the rung made between runs (None: no choice)."""
+    if method == "latent":
+        return train_stage1(config, splits, runs_dir)
+    if method == "system15":
+        return train_stage2(config, splits, runs_dir)
+    return train_rung(config, method, splits, runs_dir), None
+
+
+def _best_score(run_dir: Path) -> float:
+    return float(training_record(run_dir)["best_valid_accuracy"])
+
+
+def training_record(run_dir: Path) -> dict:
+    """A finished rung's own training (from its done.json), also when this run reused it,
+    and its validation curve: [step, accuracy] at every evaluation (from its log)."""
+    done = json.loads((run_dir / "done.json").read_text())
+    entries = log_entries(run_dir / LOG_FILE)
+    return {"best_valid_accuracy": done.get("best_valid_accuracy"), "train_steps": done["steps"],
+            "train_seconds": done["seconds"],
+            "valid_curve": [[e["step"], e["valid_accuracy"]] for e in entries if "valid_accuracy" in e]}

@@ -14,7 +14,7 @@ import time
 from system15.config import BackboneConfig, RunConfig, TaskConfig, TrainConfig
 from system15.layout import encode
 from system15.model import build_model
-from system15.pipeline import load_splits
+from system15.data import load_splits
 from system15.train.objective import Objective
 from system15.train.sft import CoTSFT
 

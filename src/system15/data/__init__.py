@@ -7,6 +7,7 @@ Only the standard library is used here, so data can be checked without torch ins
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .formats import (
     FORMATS,
@@ -23,6 +24,9 @@ from .multiplication import generate_mult, mult_example
 from .records import DataError, Example, Step, answers_match, extract_answer, label_equations, parse_number
 from .splits import gsm8k_train_split, gsm8k_valid_split
 from .synthetic import SyntheticTask, split_of, synthetic_splits
+
+if TYPE_CHECKING:  # the config module needs no data, and the data layer no torch
+    from ..config import RunConfig
 
 TASKS = ("synthetic", "gsm8k", "mult4", "mult5")
 SPLITS = ("train", "valid", "test")
@@ -47,6 +51,7 @@ __all__ = [
     "gsm8k_train_split",
     "gsm8k_valid_split",
     "label_equations",
+    "load_splits",
     "load_task",
     "mult_example",
     "parse_aug_line",
@@ -121,3 +126,22 @@ def load_task(
     if name_or_path in ("mult4", "mult5"):
         return _mult_split(int(name_or_path[-1]), split, data_root, n, n_train, seed)
     raise ValueError(f"unknown task {name_or_path!r}: expected one of {TASKS} (data files: file_splits)")
+
+
+def load_splits(config: "RunConfig") -> dict[str, list[Example]]:
+    """The task's train, valid and test examples (capped by n_train, n_valid, n_test); a
+    training question that reappears in valid or test is refused unless task.allow_overlap."""
+    t = config.task
+    caps = {"train": t.n_train, "valid": t.n_valid, "test": t.n_test}
+    if t.name == "files":
+        splits = file_splits(t.train, t.valid, t.test, holdout=t.holdout, seed=t.seed)
+        splits = {name: examples[: caps[name]] for name, examples in splits.items()}
+    else:
+        synthetic = SyntheticTask(n_steps=t.n_steps, max_operand=t.max_operand, max_result=t.max_result,
+                                  p_independent=t.p_independent)
+        sizes = {"n_train": t.n_train or 20000, "n_valid": t.n_valid, "n_test": t.n_test or 500}
+        common = dict(data_root=t.data_root, synthetic=synthetic, seed=t.seed, **sizes)
+        splits = {name: load_task(t.name, name, n=caps[name], **common) for name in ("train", "valid", "test")}
+    if not t.allow_overlap:
+        check_disjoint(splits, {"train": t.train, "valid": t.valid, "test": t.test})
+    return splits

@@ -11,10 +11,12 @@ import torch
 from system15.checkpoint import write_atomic
 from system15.config import METHODS, load_ablation
 from system15.model import load_reasoning_model
-from system15 import pipeline
-from system15.pipeline import (choose_mu, evaluate_rung, ladder_rung, load_splits, run_ablation, run_ladder,
-                               train_rung, train_stage1)
-from system15.rungs import TEST_RECORDS, StaleRunError, weights_digest
+from system15 import measure
+from system15.data import load_splits
+from system15.measure import TEST_RECORDS, evaluate_rung
+from system15.recipes.ablation import run_ablation
+from system15.recipes.ladder import run_ladder
+from system15.rungs import StaleRunError, choose_mu, ladder_rung, train_rung, train_stage1, weights_digest
 
 from conftest import tiny_config
 
@@ -108,8 +110,8 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     root, config, summary = ladder
     runs, test = root / "runs" / "tiny", load_splits(config)["test"]
     decoded = []
-    real = pipeline.evaluate
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+    real = measure.evaluate
+    monkeypatch.setattr(measure, "evaluate", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
     by_method = {r["method"]: r for r in summary["rows"]}
     for method in ("cot", "system15"):
         model = ladder_rung(config, method, load_splits(config), runs)
@@ -126,7 +128,7 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     assert len(decoded) == 3
     evaluate_rung(config, "system15", model, test, runs / "system15")  # all the same: reused
     assert len(decoded) == 3
-    monkeypatch.setattr(pipeline, "decoding_digest", lambda: "other code")  # the engine changed
+    monkeypatch.setattr(measure, "decoding_digest", lambda: "other code")  # the engine changed
     evaluate_rung(config, "system15", model, test, runs / "system15")
     assert len(decoded) == 4
 
@@ -157,8 +159,8 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     assert curve == [[e["step"], e["valid_accuracy"]] for e in logged if "valid_accuracy" in e] and curve
     assert max(acc for _, acc in curve) == rows["latent: K=1"]["best_valid_accuracy"]
     decoded = []  # measured again: every rung's test records are reused, only the timing runs
-    real = pipeline.evaluate
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+    real = measure.evaluate
+    monkeypatch.setattr(measure, "evaluate", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
     again = run_ablation(load_ablation(root / "levers.yaml"), runs_root=root / "runs", results_root=root / "results")
     assert decoded == [] and [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in summary["rows"]]
 
@@ -311,5 +313,5 @@ def test_the_sweep_can_decode_the_start_of_the_test_set_only(ladder, monkeypatch
     for n, expected in ((5, splits["test"][:5]), (0, splits["test"])):
         seen.clear()
         cfg = dataclasses.replace(config, eval=dataclasses.replace(config.eval, sweep_examples=n))
-        points = pipeline.sweep(cfg, model, None, splits)
+        points = measure.sweep(cfg, model, None, splits)
         assert seen == [expected] * len(points) and {p["examples"] for p in points} == {len(expected)}
