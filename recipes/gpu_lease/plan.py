@@ -22,7 +22,7 @@ import tempfile
 from system15.config import load_config
 from system15.layout import encode
 from system15.model import build_model
-from system15.pipeline import load_splits
+from system15.data import load_splits
 from system15.runtime import accelerator_for, device_for
 from system15.train import objective_for
 from system15.train.loop import fit

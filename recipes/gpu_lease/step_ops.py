@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from system15.config import METHODS, load_config
 from system15.layout import encode
 from system15.model import build_model
-from system15.pipeline import load_splits
+from system15.data import load_splits
 from system15.train import objective_for
 
 config = load_config(sys.argv[1], ["device=cpu"])
