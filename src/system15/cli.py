@@ -77,15 +77,15 @@ def cmd_eval(args) -> int:
     import system15
 
     from .data import read_examples
-    from .evaluate import record_of, summarize
+    from .evaluate import evaluate, summarize
 
     model = system15.load(args.model)
     examples = read_examples(args.data, fmt=args.format, question_field=args.question_field,
                              answer_field=args.answer_field, limit=args.limit)
-    answers = model.answer(examples, K=0 if args.no_cot else args.K, lambda_depth=args.lambda_depth,
-                           kv_policy=args.kv_policy, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           progress="eval")
-    print(json.dumps(summarize([record_of(e, a) for e, a in zip(examples, answers)]), indent=2))
+    records = evaluate(model, examples, K=0 if args.no_cot else args.K, lambda_depth=args.lambda_depth,
+                       kv_policy=args.kv_policy, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       desc="eval")
+    print(json.dumps(summarize(records), indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 from .backbone import Backbone, KVCache, positions_from_mask
 from .flops import FlopCounter
 from .layout import pad
+from .runtime import synchronize
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,10 @@ def _measure_gather(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, rout
     def best(call) -> float:
         times = []
         for _ in range(GATHER_TRIALS):
-            _sync(h.device)
+            synchronize(h.device)
             began = time.perf_counter()
             call()
-            _sync(h.device)
+            synchronize(h.device)
             times.append(time.perf_counter() - began)
         return min(times)
 
@@ -192,11 +193,6 @@ def _measure_gather(bb: Backbone, fold, layer, h, h_prev, ctx, cache, bias, rout
         if gather < dense:
             return skipping
     return batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decode_step(model, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,

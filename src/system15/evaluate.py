@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import Example, answers_match
-from .engine import Route, fill_kv, generate, prefill
+from .engine import fill_kv, generate, prefill
 from .inference import Answer
 from .layout import encode, prompt
+from .runtime import synchronize
 
 
 @dataclass
@@ -49,14 +50,11 @@ def record_of(example: Example, a: Answer) -> Record:
     return rec
 
 
-def evaluate(model, examples: list[Example], *, K: int | None = None, route: Route | None = None, batch_size: int = 64,
-             max_new_tokens: int | None = None, desc: str | None = None) -> list[Record]:
-    """Greedy answers for `examples` (`model.answer`), one Record each, in order. K and the
-    route default to the model's own; a route's mode "full" runs every layer."""
-    options = {} if route is None else {"lambda_depth": route.lambda_depth, "kv_policy": route.kv_policy,
-                                        "shortcuts": route.mode != "full"}
-    answers = model.answer(examples, K=K, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=desc, **options)
-    return [record_of(e, a) for e, a in zip(examples, answers)]
+def evaluate(model, examples: list[Example], *, desc: str | None = None, **options) -> list[Record]:
+    """Greedy answers for `examples`, one Record each, in order: `model.answer` with its
+    `options` (K, lambda_depth, kv_policy, shortcuts, batch_size, max_new_tokens; each the
+    model's own unless given), `desc` labelling a progress bar."""
+    return [record_of(e, a) for e, a in zip(examples, model.answer(examples, progress=desc, **options))]
 
 
 def accuracy(records: list[Record]) -> float:
@@ -121,11 +119,11 @@ def measure_latencies(runs: dict[str, tuple], examples: list[Example], *, batch_
     for _ in range(rounds):
         for i, start in enumerate(starts):
             for name, (model, K, route) in runs.items():
-                _sync()
+                synchronize()
                 began = time.perf_counter()
                 generate(model, prompts[name][start:start + batch_size], K=K, route=route,
                          max_new_tokens=max_new_tokens, account=False)
-                _sync()
+                synchronize()
                 best[name][i] = min(best[name][i], time.perf_counter() - began)
     return {name: 1000 * sum(times) / len(examples) for name, times in best.items()}
 
@@ -163,22 +161,24 @@ def latency_breakdown(model, example: Example, *, repeats: int = 300) -> dict[st
         "kv_fill": lambda: fill_kv(bb, fold, 0, h, normed, ctx),
         "step_outside_layers": outside_layers,
     }
-    for call in parts.values():
-        call()
-    times = {name: [] for name in parts}
-    for _ in range(repeats):  # the parts in turn, repeat by repeat: a slow spell touches them all alike
-        for name, call in parts.items():
-            _sync()
-            began = time.perf_counter()
-            call()
-            _sync()
-            times[name].append(time.perf_counter() - began)
+    times = time_in_turn(parts, repeats)
     return {f"{name}_us": 1e6 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def time_in_turn(parts: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call (name -> call) over `repeats`, after one untimed call each; the
+    calls are timed in turn within each repeat, so a slow spell touches them all alike."""
+    for call in parts.values():
+        call()
+    times = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, call in parts.items():
+            synchronize()
+            began = time.perf_counter()
+            call()
+            synchronize()
+            times[name].append(time.perf_counter() - began)
+    return times
 
 
 def records_as_dicts(records: list[Record]) -> list[dict]:

@@ -91,11 +91,9 @@ def check_length(model, example: Example, prompt_ids: list[int], K: int | None, 
     need = len(prompt_ids) + (K + 1 if K is not None else 0) + max_new_tokens
     limit = model.backbone.max_positions
     if need > limit:
-        path, _, line = example.source.rpartition(":")
-        where = (path, int(line)) if line.isdigit() and path else (example.source or "<question>", None)
-        raise DataError(where[0], where[1], "question",
-                        f"{len(prompt_ids)} tokens, with {K or 0} thought steps and {max_new_tokens} new tokens, "
-                        f"need {need} positions; the backbone has {limit}")
+        raise DataError.at(example.source, "question",
+                           f"{len(prompt_ids)} tokens, with {K or 0} thought steps and {max_new_tokens} new tokens, "
+                           f"need {need} positions; the backbone has {limit}")
 
 
 def answer(model, questions, *, K: int | None = None, lambda_depth: float | None = None, kv_policy: str | None = None,

@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import latest_good, load_average, write_text_atomic
 from .config import RunConfig
-from .evaluate import (Record, accuracy, evaluate, latency_breakdown, measure_latencies, record_of, records_as_dicts,
-                       summarize)
 from .data import Example
+from .evaluate import Record, accuracy, evaluate, latency_breakdown, measure_latencies, records_as_dicts, summarize
 from .inference import resolve_K, resolve_route
 from .model import ReasoningModel
 from .rungs import weights_digest
@@ -150,8 +149,7 @@ def sweep(config: RunConfig, model: ReasoningModel, cot: ReasoningModel | None, 
     points, runs = [], {}
     grid = [(d, k) for k in config.eval.sweep_step for d in config.eval.sweep_depth]
     for depth, K in tqdm(grid, desc="sweep", leave=False):
-        answers = model.answer(test, K=K, lambda_depth=depth, batch_size=config.eval.batch_size)
-        s = summarize([record_of(e, a) for e, a in zip(test, answers)])
+        s = summarize(evaluate(model, test, K=K, lambda_depth=depth, batch_size=config.eval.batch_size))
         runs[(depth, K)] = timed(model, K, depth)
         points.append({"lambda_depth": depth, "K": K, "examples": len(test), "accuracy": s["accuracy"],
                        "flops_per_step": s["flops_per_step"],

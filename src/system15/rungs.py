@@ -148,9 +148,8 @@ def check_lengths(model: ReasoningModel, examples: list[Example], encoded) -> No
     for example, e in zip(examples, encoded):
         length = len(prompt(model.tokenizer, e)) + len(cot_target(model.tokenizer, e))
         if length > limit:
-            path, _, line = example.source.rpartition(":")
-            raise DataError(path or example.source, int(line) if line.isdigit() else None, "question",
-                            f"{length} tokens with its chain and answer; the backbone has {limit} positions")
+            raise DataError.at(example.source, "question",
+                               f"{length} tokens with its chain and answer; the backbone has {limit} positions")
 
 
 def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name: str | None = None) -> ReasoningModel:

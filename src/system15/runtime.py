@@ -22,6 +22,13 @@ def device_for(config: RunConfig) -> torch.device:
     return torch.device(config.device)
 
 
+def synchronize(device: torch.device | None = None) -> None:
+    """Wait for the accelerator's queued work (a timer must not stop before it ends): on
+    `device` when given, else on CUDA wherever it is; nothing on a CPU."""
+    if device is None and torch.cuda.is_available() or device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def precision_for(config: RunConfig) -> str:
     """'fp32', 'bf16' or 'fp16' for this run."""
     if config.precision != "auto":

@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 from .backbone import KVCache
 from .config import ConfigError, RunConfig
 from .engine import FULL, Route, decode_step, prefill
+from .evaluate import time_in_turn
 from .flops import FlopCounter
+from .runtime import synchronize
 
 PATTERNS = ("deep", "shallow", "mixed")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -128,15 +130,10 @@ def efficiency(speedup: float, ideal: float) -> float | None:
 
 # -- timed runs ---------------------------------------------------------------------------
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 @dataclass
 class Start:
-    """The state after a prompt's prefill, reused by every run of a batch size (the cache is
-    never written in place: `KVCache.fork`)."""
+    """The state after a prompt's prefill, reused by every run of a batch size (each run
+    decodes into a fork of the cache: `KVCache.fork`)."""
 
     ids: torch.Tensor
     visible: torch.Tensor
@@ -160,7 +157,7 @@ def decode(model, start: Start, feed: torch.Tensor, route: Route = FULL, folded=
     <eos>). `record`, when given, gets (ran, greedy tokens) per step."""
     bb = model.backbone
     cache, prev, positions = start.cache.fork(), start.prev, start.positions
-    _sync()
+    synchronize()
     began = time.perf_counter()
     for t in range(feed.shape[1]):
         res = decode_step(model, bb.embed(feed[:, t]), positions, cache, prev, route, folded)
@@ -168,7 +165,7 @@ def decode(model, start: Start, feed: torch.Tensor, route: Route = FULL, folded=
         chosen = bb.head(res.hidden).argmax(-1).tolist()
         if record is not None:
             record.append((res.ran, chosen))
-    _sync()
+    synchronize()
     return time.perf_counter() - began
 
 
@@ -185,18 +182,18 @@ def hf_generate(model, start: Start, steps: int) -> tuple[torch.Tensor, float, f
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores):
-            _sync()
+            synchronize()
             self.times.append(time.perf_counter())
             return scores
 
     tok, stamps = model.tokenizer, Stamps()
     gen = GenerationConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
                            pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
-    _sync()
+    synchronize()
     began = time.perf_counter()
     out = model.backbone.lm.generate(input_ids=start.ids, attention_mask=start.visible.long(), generation_config=gen,
                                      logits_processor=LogitsProcessorList([stamps]))
-    _sync()
+    synchronize()
     total = time.perf_counter() - began
     return out[:, start.ids.shape[1]:], total, stamps.times[-1] - stamps.times[0]
 
@@ -635,17 +632,7 @@ def _append_in_place(buffer: torch.Tensor, new: torch.Tensor) -> None:
 
 def _median_us(parts: dict[str, Callable], repeats: int) -> dict[str, float]:
     """Median microseconds of each call, the calls timed in turn within each repeat."""
-    for call in parts.values():
-        call()
-    times = {name: [] for name in parts}
-    for _ in range(repeats):
-        for name, call in parts.items():
-            _sync()
-            t = time.perf_counter()
-            call()
-            _sync()
-            times[name].append(time.perf_counter() - t)
-    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+    return {name: 1e6 * statistics.median(t) for name, t in time_in_turn(parts, repeats).items()}
 
 
 # -- results ------------------------------------------------------------------------------

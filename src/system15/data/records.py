@@ -29,6 +29,15 @@ class DataError(ValueError):
         where = self.path if line is None else f"{self.path}:{line}"
         super().__init__(f"{where}: {field}: {problem}")
 
+    @classmethod
+    def at(cls, source: str, field: str, problem: str) -> "DataError":
+        """The error for an example whose `source` is '<path>:<line>', or another label
+        ('synthetic:<index>' reads as such, 'question 3' as a path without a line)."""
+        path, _, line = source.rpartition(":")
+        if line.isdigit() and path:
+            return cls(path, int(line), field, problem)
+        return cls(source or "<question>", None, field, problem)
+
 
 @dataclass(frozen=True)
 class Step:
