@@ -21,7 +21,7 @@ sys.path.insert(0, str(SCRIPTS))
 def tiny_pairs(family: str = "gpt2", **overrides) -> list[str]:
     """The `key=value` settings of a tiny model, as a command line would give them."""
     pairs = [f"backbone.family={family}", "backbone.n_layer=3", "backbone.n_embd=32", "backbone.n_head=4",
-             f"task.data_root={DATA_ROOT}", "shortcut.adapter_dim=8", "shortcut.router_hidden=8"]
+             f"task.data_root={DATA_ROOT}", "architecture.adapter_dim=8", "architecture.router_hidden=8"]
     return pairs + [f"{k}={v}" for k, v in overrides.items()]
 
 

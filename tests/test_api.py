@@ -71,8 +71,8 @@ def test_train_save_move_and_answer_from_your_own_backbone_and_data(tmp_path, fa
     test = write_jsonl(data / "test.jsonl", examples[48:], plain=True)
     config = system15.load_config(None, [
         "name=mine", "backbone.source=hf", f"backbone.path={backbone}", "task.name=files", f"task.train={train}",
-        f"task.test={test}", "task.n_valid=4", "task.max_new_tokens=12", "latent.K=2", "eval.batch_size=8",
-        "shortcut.adapter_dim=4", "shortcut.router_hidden=4",
+        f"task.test={test}", "task.n_valid=4", "task.max_new_tokens=12", "architecture.K=2", "eval.batch_size=8",
+        "architecture.adapter_dim=4", "architecture.router_hidden=4",
         *(f"stages.{m}={STAGE}" for m in ("cot", "latent", "system15"))])
     for method in ("cot", "latent", "system15"):
         model = system15.fit(method, config, runs=tmp_path / "runs")

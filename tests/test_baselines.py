@@ -11,7 +11,7 @@ from conftest import tiny_config, tiny_model
 
 
 def test_coconut_replaces_steps_stage_by_stage_and_selects_only_the_last_stage(examples):
-    obj = Coconut(tiny_config(**{"latent.coconut_stages": 2, "latent.coconut_c": 1}))
+    obj = Coconut(tiny_config(**{"baselines.coconut_stages": 2, "baselines.coconut_c": 1}))
     model = tiny_model(examples, thought="hidden")
     enc = [encode(model.tokenizer, e) for e in examples[:3]]
     tails = {}
@@ -38,7 +38,7 @@ def test_pause_loss_in_one_pass_equals_prefill_steps_and_teacher_forcing(example
     model = tiny_model(examples, family=family, thought="pause")
     for p in model.parameters():  # weights large enough that every input position shows in the loss
         torch.nn.init.normal_(p, 0, 0.3)
-    objective = Pause(tiny_config(family, **{"latent.pause_K": K}))
+    objective = Pause(tiny_config(family, **{"baselines.pause_K": K}))
     batch = objective.collate(model, [encode(model.tokenizer, e) for e in examples[:5]])
     assert not batch["visible"].all() and not batch["tail_visible"].all()  # padded on both sides
     one_pass, _ = objective.loss(model, batch)

@@ -252,7 +252,8 @@ def test_a_rung_may_reshape_only_what_its_parent_never_trained(tiny, model_dir, 
     from system15.config import ConfigError
 
     base = tiny_config(steps=3, batch=4)
-    wider = dataclasses.replace(base, latent=dataclasses.replace(base.latent, projection_hidden=48, pause_K=3))
+    wider = dataclasses.replace(base, architecture=dataclasses.replace(base.architecture, projection_hidden=48),
+                                baselines=dataclasses.replace(base.baselines, pause_K=3))
     assert tiny[0].method == "cot"
     loaded = load_reasoning_model(model_dir, wider)
     assert loaded.projection.net[0].weight.shape == (48, 32) and loaded.pause.shape == (3, 32)
@@ -262,7 +263,7 @@ def test_a_rung_may_reshape_only_what_its_parent_never_trained(tiny, model_dir, 
     meta = json.loads((latent / "system15.json").read_text())
     (latent / "system15.json").write_text(json.dumps({**meta, "method": "latent"}))
     (latent / "manifest.json").unlink()
-    with pytest.raises(ConfigError, match="latent.projection_hidden"):
+    with pytest.raises(ConfigError, match="architecture.projection_hidden"):
         load_reasoning_model(latent, wider)
 
 
@@ -321,7 +322,9 @@ def test_a_folder_written_before_system15_json_still_loads_without_its_training_
                                                 "family": "gpt2"}))
     run = tiny_config(steps=3, batch=4).to_dict()
     run["backbone"].update(source="hf", path=str(tmp_path / "gone"))
-    run["latent"].update(K=3)
+    arch = run.pop("architecture")  # the layout of its day: latent.* and shortcut.*
+    run["latent"] = {"K": 3, "projection_hidden": arch["projection_hidden"]}
+    run["shortcut"] = {k: arch[k] for k in ("adapter_dim", "router_hidden", "lambda_depth", "kv_policy")}
     (old / "config.json").write_text(json.dumps(run))
     loaded = load_reasoning_model(old)
     assert (loaded.method, loaded.thought, loaded.spec.K) == ("latent", "latent", 3)

@@ -32,7 +32,7 @@ def test_demo_verb_runs_the_ladder_and_prints_the_table(tmp_path, capsys):
 def test_config_verb_lists_every_setting_with_help(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
-    for key in ("shortcut.lambda_depth", "latent.K", "shortcut.kv_policy", "stages", "backbone.trust_remote_code"):
+    for key in ("architecture.lambda_depth", "architecture.K", "architecture.kv_policy", "stages", "backbone.trust_remote_code"):
         assert key in out
     assert len(help_lines()) > 40
 
@@ -87,15 +87,15 @@ def test_a_finished_run_with_other_settings_is_a_clear_error(tmp_path, capsys, e
     model = tiny_model(examples, thought="pause")
     run = tmp_path / "runs" / "demo" / "pause"
     write_atomic(run / "best", model.save)
-    trained_with = tiny_config(**{"latent.pause_K": 5, "task.n_train": 64}).to_dict()
+    trained_with = tiny_config(**{"baselines.pause_K": 5, "task.n_train": 64}).to_dict()
     (run / "run.json").write_text(json.dumps({"method": "pause", "config": trained_with, "train": {}}))
     (run / "done.json").write_text(json.dumps({"steps": 1, "seconds": 1.0}))
     before = sorted(p.name for p in run.rglob("*"))
     argv = ["train", "--method", "pause", "--runs", str(tmp_path / "runs"),
-            *tiny_pairs(**{"latent.pause_K": 2, "task.n_train": 64})]
+            *tiny_pairs(**{"baselines.pause_K": 2, "task.n_train": 64})]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert str(run) in err and "latent.pause_K: trained with 5, asked for 2" in err
+    assert str(run) in err and "baselines.pause_K: trained with 5, asked for 2" in err
     assert sorted(p.name for p in run.rglob("*")) == before
 
 

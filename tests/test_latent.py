@@ -70,7 +70,7 @@ def test_every_alignment_rule_sends_gradient_to_the_latent_steps(examples, rule)
     grads = []
     for alpha in (0.0, 1.0):
         model = tiny_model(examples)
-        obj = LatentDistillation(tiny_config(**{"latent.align": rule, "latent.alpha": alpha}))
+        obj = LatentDistillation(tiny_config(**{"stage1.align": rule, "stage1.alpha": alpha}))
         obj.prepare(model)
         loss, metrics = obj.loss(model, obj.collate(model, encoded(model, examples[:4])))
         loss.backward()
@@ -138,7 +138,7 @@ def test_K_zero_is_answer_only_decoding(examples, family):
 
 def test_warm_start_replaces_segments_one_at_a_time(examples):
     model = tiny_model(examples)
-    obj = LatentDistillation(tiny_config(**{"latent.K": 2, "latent.warm_start": 0.5, "latent.probe": 1.0}))
+    obj = LatentDistillation(tiny_config(**{"architecture.K": 2, "experimental.warm_start": 0.5, "stage1.probe": 1.0}))
     enc = encoded(model, examples[:4])
     obj.on_step(0, 10)
     warm = obj.collate(model, enc)
@@ -159,7 +159,7 @@ def test_probe_targets_every_segment_result_or_only_the_last(examples):
     enc = encoded(model, examples[:4])  # 3-step chains: with K=1 one segment holds all three results
     targets = {}
     for which in ("all", "last"):
-        obj = LatentDistillation(tiny_config(**{"latent.K": 1, "latent.probe": 1.0, "latent.probe_results": which}))
+        obj = LatentDistillation(tiny_config(**{"architecture.K": 1, "stage1.probe": 1.0, "stage1.probe_results": which}))
         (probe,) = obj.collate(model, enc)["probes"]  # the last probe: "last" reads it off the answer tail
         labels = probe["tail_labels" if which == "last" else "labels"]
         targets[which] = [tok.decode([t for t in row.tolist() if t >= 0]) for row in labels]
@@ -189,7 +189,7 @@ def test_live_probe_targets_are_the_values_a_latent_step_hands_on():
     assert segment_live(chained, 4) == [["12"], ["10"], ["1"], ["8"]]
     prose = encode(tok, Example("q", (Step("6 eggs", "6", False), Step("+ 2", "8", True)), "8"))
     assert segment_live(prose, 2) == [["6"], ["8"]]  # not calculator notes: the last result
-    obj = LatentDistillation(tiny_config(**{"latent.K": 2, "latent.probe": 1.0, "latent.probe_results": "live"}))
+    obj = LatentDistillation(tiny_config(**{"architecture.K": 2, "stage1.probe": 1.0, "stage1.probe_results": "live"}))
     first, _ = obj.collate(model, [both, chained])["probes"]
     asked = [tok.decode([t for t in row.tolist() if t != IGNORE]).split() for row in first["labels"]]
     assert asked == [["####", "1", "12"], ["####", "10"]]
@@ -200,7 +200,7 @@ def test_the_last_probe_is_read_off_the_answer_tail(examples):
     tokens from the same cache; its NLL read off the tail is the branch's own."""
     model = tiny_model(examples)
     tok = model.tokenizer
-    obj = LatentDistillation(tiny_config(**{"latent.K": 2, "latent.probe": 1.0, "latent.probe_results": "last"}))
+    obj = LatentDistillation(tiny_config(**{"architecture.K": 2, "stage1.probe": 1.0, "stage1.probe_results": "last"}))
     enc = encoded(model, examples[:4])
     batch = obj.collate(model, enc)
     first, last = batch["probes"]
@@ -295,13 +295,13 @@ def test_the_student_starting_from_the_teachers_prompt_pass_is_exact(examples, f
 
 @pytest.mark.parametrize("rule", ALIGN_RULES)
 def test_a_teacher_on_part_of_the_batch(examples, family, rule):
-    """latent.teacher_rows = 0.5: the teacher runs on the first half of the rows and the rest
+    """stage1.teacher_rows = 0.5: the teacher runs on the first half of the rows and the rest
     run their prompt alone; the student, on every row, is exactly what it is with the teacher
     on every row, and the teacher's NLL and the alignment are those of the taught rows."""
     model = tiny_model(examples, family)
     rows = encoded(model, examples[:6])
-    everyone = LatentDistillation(tiny_config(family, **{"latent.align": rule}))
-    half = LatentDistillation(tiny_config(family, **{"latent.align": rule, "latent.teacher_rows": 0.5}))
+    everyone = LatentDistillation(tiny_config(family, **{"stage1.align": rule}))
+    half = LatentDistillation(tiny_config(family, **{"stage1.align": rule, "stage1.teacher_rows": 0.5}))
     batch = half.collate(model, rows)
     assert len(batch["teacher"]["ids"]) == 3 and len(batch["prompts"]["ids"]) == 3
     assert len({len(r.question) for r in rows}) > 1, "the case should mix prompt lengths"
@@ -316,7 +316,7 @@ def test_a_teacher_on_part_of_the_batch(examples, family, rule):
 
 
 def test_prompt_grad_taught_runs_the_untaught_prompts_without_gradient(examples, monkeypatch):
-    """latent.prompt_grad = taught: the rows without a teacher run their prompts without
+    """experimental.prompt_grad = taught: the rows without a teacher run their prompts without
     gradient. The loss is the same as with "all", the gradients are not, and the prompt
     pass hands the student keys and values that carry no graph."""
     import system15.train.stage1 as stage1
@@ -328,7 +328,7 @@ def test_prompt_grad_taught_runs_the_untaught_prompts_without_gradient(examples,
     monkeypatch.setattr(stage1, "prompt_pass", lambda m, b: passes.append(real_pass(m, b)) or passes[-1])
 
     def run(grad):
-        obj = LatentDistillation(tiny_config(**{"latent.teacher_rows": 0.5, "latent.prompt_grad": grad}))
+        obj = LatentDistillation(tiny_config(**{"stage1.teacher_rows": 0.5, "experimental.prompt_grad": grad}))
         model.zero_grad()
         loss, metrics = obj.loss(model, obj.collate(model, rows))
         loss.backward()
@@ -347,10 +347,10 @@ def test_teacher_rows_must_be_a_share():
     from system15.config import ConfigError, load_config
 
     for bad in ("0", "1.5"):
-        with pytest.raises(ConfigError, match="latent.teacher_rows"):
-            load_config(None, [f"latent.teacher_rows={bad}"])
-    with pytest.raises(ConfigError, match="latent.prompt_grad"):
-        load_config(None, ["latent.prompt_grad=none"])
+        with pytest.raises(ConfigError, match="stage1.teacher_rows"):
+            load_config(None, [f"stage1.teacher_rows={bad}"])
+    with pytest.raises(ConfigError, match="experimental.prompt_grad"):
+        load_config(None, ["experimental.prompt_grad=none"])
 
 
 def test_stacked_caches_keep_each_rows_keys_and_hide_the_padding():
@@ -369,7 +369,7 @@ def test_stacked_caches_keep_each_rows_keys_and_hide_the_padding():
 
 
 def test_teacher_inputs_start_later_steps_from_the_teachers_segment_end(examples):
-    """latent.teacher_inputs = 1: step 2 reads P(teacher's last-layer state at the end of segment
+    """experimental.teacher_inputs = 1: step 2 reads P(teacher's last-layer state at the end of segment
     1), not P(step 1's own state); step 1 and examples with an empty segment 1 are untouched;
     no gradient reaches the teacher's pass through the forced input; 0 changes nothing."""
     from system15.backbone import KVCache
@@ -409,12 +409,12 @@ def test_teacher_inputs_start_later_steps_from_the_teachers_segment_end(examples
 def test_teacher_inputs_must_be_a_chance():
     from system15.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="latent.teacher_inputs"):
-        load_config(None, ["latent.teacher_inputs=1.5"])
+    with pytest.raises(ConfigError, match="experimental.teacher_inputs"):
+        load_config(None, ["experimental.teacher_inputs=1.5"])
 
 
 def test_projection_lr_scales_P_steps_only(examples, tmp_path):
-    """latent.projection_lr: one training step moves P `scale` times as far as at 1 (Adam's
+    """stage1.projection_lr: one training step moves P `scale` times as far as at 1 (Adam's
     first step is lr per weight, whatever the gradient), and the backbone as far as ever; at 1
     the optimizer keeps the single group every method has."""
     from system15.layout import encode as enc
@@ -422,10 +422,10 @@ def test_projection_lr_scales_P_steps_only(examples, tmp_path):
 
     scale, moved = 4.0, {}
     for s in (1.0, scale):
-        config = tiny_config(**{"latent.probe": 1.0, "latent.projection_lr": s, "stages.latent.steps": 1,
+        config = tiny_config(**{"stage1.probe": 1.0, "stage1.projection_lr": s, "stages.latent.steps": 1,
                                 "stages.latent.warmup": 1, "stages.latent.weight_decay": 0.0})
         objective = LatentDistillation(config)
-        model = tiny_model(examples, **{"latent.projection_lr": s})
+        model = tiny_model(examples, **{"stage1.projection_lr": s})
         objective.prepare(model)
         assert len(objective.param_groups(model)) == (1 if s == 1 else 2)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -443,5 +443,5 @@ def test_projection_lr_scales_P_steps_only(examples, tmp_path):
 def test_projection_lr_must_be_positive():
     from system15.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="latent.projection_lr"):
-        load_config(None, ["latent.projection_lr=0"])
+    with pytest.raises(ConfigError, match="stage1.projection_lr"):
+        load_config(None, ["stage1.projection_lr=0"])

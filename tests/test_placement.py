@@ -24,7 +24,7 @@ def _leaves(batch):
 def test_every_tensor_of_a_stage1_batch_reaches_the_device(examples):
     """Stage 1 with the probe keeps one batch per latent step in a list."""
     model = tiny_model(examples)
-    config = tiny_config(**{"latent.probe": 1.0})
+    config = tiny_config(**{"stage1.probe": 1.0})
     batch = objective_for("latent", config).collate(model, [encode(model.tokenizer, e) for e in examples[:4]])
     assert isinstance(batch["probes"], list) and batch["probes"]
     moved = list(_leaves(to_device(batch, "meta")))

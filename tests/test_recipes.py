@@ -22,8 +22,8 @@ from conftest import tiny_config
 
 TINY = {"task.n_train": 200, "task.n_valid": 8, "task.n_test": 12, "task.n_steps": 3, "task.max_new_tokens": 12,
         "eval.timing_examples": 4, "eval.timing_batch_sizes": "[1,4]", "eval.batch_size": 12,
-        "eval.sweep_depth": "[0.5,0.9]", "eval.sweep_step": "[1,2]", "latent.compare_align": "true",
-        "latent.coconut_stages": 2, "shortcut.mu_grid": "[0.5,2]", **{f"stages.{m}": "{steps: 4, batch_size: 8, eval_every: 4, warmup: 1}" for m in METHODS}}
+        "eval.sweep_depth": "[0.5,0.9]", "eval.sweep_step": "[1,2]", "stage1.compare_align": "true",
+        "baselines.coconut_stages": 2, "stage2.mu_grid": "[0.5,2]", **{f"stages.{m}": "{steps: 4, batch_size: 8, eval_every: 4, warmup: 1}" for m in METHODS}}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_system15_latency_is_taken_apart(ladder):
     for key in ("prefill_us", "full_layer_us", "router_us", "adapters_us", "kv_fill_us", "step_outside_layers_us"):
         assert 0 < parts[key] < 1e6, key
     s15 = next(r for r in summary["rows"] if r["method"] == "system15")
-    assert parts["forwards_per_example"] == s15["forwards_per_example"] >= config.latent.K + 1
+    assert parts["forwards_per_example"] == s15["forwards_per_example"] >= config.architecture.K + 1
     assert 0 <= parts["layers_run_per_example"] <= parts["forwards_per_example"] * config.backbone.n_layer
     assert parts["rebuilt_ms"] > 0 and parts["measured_ms"] == s15["latency_ms"]
     assert parts["cot_rebuilt_ms"] * 1000 > parts["prefill_us"]  # CoT rebuilt from the same parts, chain included
@@ -86,10 +86,10 @@ def test_markdown_and_figures_are_written(ladder):
 def test_decoding_steps_follow_the_method(ladder):
     _, config, summary = ladder
     rows = {r["method"]: r for r in summary["rows"]}
-    K = config.latent.K
+    K = config.architecture.K
     # thought methods decode their K thoughts plus at least one answer token; the budget caps the tokens
     budget = config.task.max_new_tokens
-    for method, k in (("latent", K), ("system15", K), ("pause", config.latent.pause_K), ("nocot", 0)):
+    for method, k in (("latent", K), ("system15", K), ("pause", config.baselines.pause_K), ("nocot", 0)):
         assert k + 1 <= rows[method]["decoding_steps"] <= k + budget, method
     assert 1 <= rows["cot"]["decoding_steps"] <= budget
 
@@ -121,7 +121,7 @@ def test_test_records_are_reused_only_for_the_same_weights_set_and_decoding(ladd
     model = ladder_rung(config, "system15", load_splits(config), runs)
     model.spec.lambda_depth = 0.9
     evaluate_rung(config, "system15", model, test, runs / "system15")  # another threshold
-    model.spec.lambda_depth = config.shortcut.lambda_depth
+    model.spec.lambda_depth = config.architecture.lambda_depth
     evaluate_rung(config, "system15", model, test[:5], runs / "system15")  # another test set
     (runs / "system15" / TEST_RECORDS).write_text('{"key": ')  # torn: decoded again, not an error
     evaluate_rung(config, "system15", model, test, runs / "system15")
@@ -139,7 +139,7 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     config.save(recipe)
     (root / "levers.yaml").write_text(
         "name: levers\nrecipe: tiny.json\nmethod: latent\nreference: [nocot]\n"
-        "variants:\n  segment: []\n  K=1: [latent.K=1]\n")
+        "variants:\n  segment: []\n  K=1: [architecture.K=1]\n")
     runs = root / "runs" / "tiny"
     reused = (runs / "latent-segment" / "done.json").stat().st_mtime_ns
     summary = run_ablation(load_ablation(root / "levers.yaml"), runs_root=root / "runs", results_root=root / "results")
@@ -148,12 +148,12 @@ def test_ablation_retrains_only_new_variants_and_measures_all_in_one_table(ladde
     assert (runs / "latent-segment" / "done.json").stat().st_mtime_ns == reused  # same name as the ladder's rung
     assert (runs / "latent-K_1" / "done.json").is_file()
     assert rows["cot"]["speedup_vs_cot"] == 1.0
-    assert rows["latent: K=1"]["overrides"] == ["latent.K=1"]
+    assert rows["latent: K=1"]["overrides"] == ["architecture.K=1"]
     budget = config.task.max_new_tokens
     assert 2 <= rows["latent: K=1"]["decoding_steps"] <= 1 + budget
-    assert rows["latent: segment"]["decoding_steps"] >= config.latent.K + 1
+    assert rows["latent: segment"]["decoding_steps"] >= config.architecture.K + 1
     md = (root / "results" / "levers" / "summary.md").read_text()
-    assert "`latent.K=1`" in md and "best validation accuracy" in md
+    assert "`architecture.K=1`" in md and "best validation accuracy" in md
     curve = rows["latent: K=1"]["valid_curve"]  # every evaluation of its training, from its log
     logged = [json.loads(line) for line in (runs / "latent-K_1" / "log.jsonl").read_text().splitlines()]
     assert curve == [[e["step"], e["valid_accuracy"]] for e in logged if "valid_accuracy" in e] and curve
@@ -192,9 +192,9 @@ def test_an_ablation_starts_from_the_stage1_rule_the_ladder_chose(ladder, tmp_pa
     root, config, summary = ladder
     shutil.copytree(root / "runs", tmp_path / "runs")
     other = next(r for r in ("segment", "codi") if r != summary["stage1_align"]["chosen"])
-    _replace(config, "latent", align=other).save(tmp_path / "tiny.json")
+    _replace(config, "stage1", align=other).save(tmp_path / "tiny.json")
     (tmp_path / "mu.yaml").write_text("name: mu\nrecipe: tiny.json\nmethod: system15\nreference: [latent]\n"
-                                      "variants:\n  mu 0.9: [shortcut.mu=0.9]\n")
+                                      "variants:\n  mu 0.9: [stage2.mu=0.9]\n")
     runs = tmp_path / "runs" / "tiny"
     out = run_ablation(load_ablation(tmp_path / "mu.yaml"), runs_root=tmp_path / "runs", results_root=tmp_path / "results")
     assert [r["method"] for r in out["rows"]] == ["cot", "latent", "system15: mu 0.9"]
@@ -212,16 +212,44 @@ def test_a_run_trained_on_other_settings_is_refused_with_the_keys_named(ladder):
     runs = root / "runs" / "tiny"
     splits = load_splits(config)
     stamp = (runs / "pause" / "done.json").stat().st_mtime_ns
-    train_rung(_replace(config, "shortcut", mu=0.9), "pause", splits, runs)  # a key pause never reads
+    train_rung(_replace(config, "stage2", mu=0.9), "pause", splits, runs)  # a key pause never reads
     assert (runs / "pause" / "done.json").stat().st_mtime_ns == stamp
-    with pytest.raises(StaleRunError, match=r"latent\.pause_K: trained with 2, asked for 3"):
-        train_rung(_replace(config, "latent", pause_K=3), "pause", splits, runs)
+    with pytest.raises(StaleRunError, match=r"baselines\.pause_K: trained with 2, asked for 3"):
+        train_rung(_replace(config, "baselines", pause_K=3), "pause", splits, runs)
     with pytest.raises(StaleRunError, match=r"task\.n_steps: trained with 3, asked for 4"):
         train_rung(_replace(config, "task", n_steps=4), "cot", splits, runs)
     stages = {**config.stages, "system15": dataclasses.replace(config.stage("system15"), lr=0.5)}
     with pytest.raises(StaleRunError, match=r"stages\.system15\.lr: trained with 0\.001, asked for 0\.5"):
         train_rung(dataclasses.replace(config, stages=stages), "system15", splits, runs)
     assert (runs / "pause" / "done.json").stat().st_mtime_ns == stamp  # nothing was lost
+
+
+def test_a_run_recorded_before_the_settings_were_regrouped_is_still_reused(ladder, tmp_path):
+    """Run records written in the old layout (`latent.*`, `shortcut.*`) read as today's
+    (config.RENAMED): the finished rung is reused, and a real difference is still named."""
+    from system15.config import RENAMED
+
+    root, config, _ = ladder
+    runs = tmp_path / "tiny"
+    shutil.copytree(root / "runs" / "tiny", runs)
+    splits = load_splits(config)
+    for method in ("pause", "latent-codi", "system15-mu_0.5"):
+        record = json.loads((runs / method / "run.json").read_text())
+        new = record["config"]
+        for old, moved in RENAMED.items():
+            home, key = moved.split(".")
+            section, leaf = old.split(".")
+            new.setdefault(section, {})[leaf] = new[home].pop(key)
+        for home in {moved.split(".")[0] for moved in RENAMED.values()}:
+            assert new.pop(home) == {}
+        (runs / method / "run.json").write_text(json.dumps(record))
+    stamps = {m: (runs / m / "done.json").stat().st_mtime_ns for m in ("pause", "latent-codi", "system15-mu_0.5")}
+    train_rung(config, "pause", splits, runs)
+    train_rung(_replace(config, "stage1", align="codi"), "latent", splits, runs, run_name="latent-codi")
+    train_rung(_replace(config, "stage2", mu=0.5), "system15", splits, runs, run_name="system15-mu_0.5")
+    assert {m: (runs / m / "done.json").stat().st_mtime_ns for m in stamps} == stamps
+    with pytest.raises(StaleRunError, match=r"stage2\.mu: trained with 0\.5, asked for 0\.7"):
+        train_rung(_replace(config, "stage2", mu=0.7), "system15", splits, runs, run_name="system15-mu_0.5")
 
 
 def test_a_cap_that_did_not_bind_is_no_difference(ladder, tmp_path):
@@ -273,7 +301,7 @@ def test_the_latent_rung_follows_the_rule_chosen_on_validation(ladder, tmp_path)
 
 
 def test_stage2_keeps_the_largest_weight_of_its_grid_within_tolerance(ladder, tmp_path):
-    """shortcut.mu_grid: the ladder trains stage 2 at each weight and keeps the one
+    """stage2.mu_grid: the ladder trains stage 2 at each weight and keeps the one
     `choose_mu` picks; an ablation variant at a grid weight is that same run, reused."""
     root, config, summary = ladder
     grid = summary["stage2_mu"]
@@ -284,7 +312,7 @@ def test_stage2_keeps_the_largest_weight_of_its_grid_within_tolerance(ladder, tm
     shutil.copytree(root / "runs", tmp_path / "runs")
     config.save(tmp_path / "tiny.json")
     (tmp_path / "mu.yaml").write_text("name: mu\nrecipe: tiny.json\nmethod: system15\nreference: [latent]\n"
-                                      "variants:\n  mu 2: [shortcut.mu=2]\n")
+                                      "variants:\n  mu 2: [stage2.mu=2]\n")
     done = tmp_path / "runs" / "tiny" / "system15-mu_2" / "done.json"
     before = done.read_text()
     out = run_ablation(load_ablation(tmp_path / "mu.yaml"), runs_root=tmp_path / "runs", results_root=tmp_path / "results")

@@ -42,7 +42,7 @@ def test_budget_schedule_follows_whichever_runs_out_first():
 
 
 def test_decay_by_is_checked():
-    with pytest.raises(ConfigError, match=r"train\.decay_by: must be steps or budget, got 'time'"):
+    with pytest.raises(ConfigError, match=r"decay_by: Input should be 'steps' or 'budget', got 'time'"):
         TrainConfig(decay_by="time")
 
 
@@ -58,9 +58,9 @@ def test_linear_decay_to_a_floor():
 
 
 def test_decay_shape_and_floor_are_checked():
-    with pytest.raises(ConfigError, match=r"train\.decay: must be cosine or linear, got 'step'"):
+    with pytest.raises(ConfigError, match=r"decay: Input should be 'cosine' or 'linear', got 'step'"):
         TrainConfig(decay="step")
-    with pytest.raises(ConfigError, match=r"train\.lr_floor: must be in 0\.\.1, got 1\.5"):
+    with pytest.raises(ConfigError, match=r"lr_floor: Input should be less than or equal to 1, got 1\.5"):
         TrainConfig(lr_floor=1.5)
 
 

@@ -232,7 +232,7 @@ def test_a_missing_model_folder_exits_2(tmp_path, capsys):
 
 def test_the_cli_writes_the_results(tmp_path, capsys):
     pairs = ["backbone.source=scratch", "backbone.n_layer=2", "backbone.n_embd=16", "backbone.n_head=2",
-             "shortcut.adapter_dim=4", "shortcut.router_hidden=4"]
+             "architecture.adapter_dim=4", "architecture.router_hidden=4"]
     assert main(["speed", "--batch-sizes", "1", "--steps", "2", "--rounds", "1", "--results", str(tmp_path), *pairs]) == 0
     summary = json.loads((tmp_path / "speed" / "summary.json").read_text())
     assert summary["command"].startswith("system15 speed --batch-sizes 1")

@@ -36,7 +36,7 @@ def test_tail_in_one_pass_per_layer_equals_stepping_it(examples, family, K, rout
     model = tiny_model(examples, family=family, shortcuts=True)
     for p in model.shortcuts.parameters():  # open routers and non-zero adapters: the step shortcut matters
         p.data.normal_(0, 0.3)
-    objective = ShortcutDistillation(tiny_config(family, **{"latent.K": K}))
+    objective = ShortcutDistillation(tiny_config(family, **{"architecture.K": K}))
     batch = objective.collate(model, [encode(model.tokenizer, e) for e in examples[:5]])
     assert batch["tail"].shape[1] > 2 and not batch["tail_visible"].all()  # answers of several lengths, padded
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_tail_in_one_pass_per_layer_equals_stepping_it(examples, family, K, rout
 
 
 def test_std_scaled_error_does_not_grow_with_the_backbones_activations():
-    """shortcut.mse_scale=std: the stage-2 error is the same for states 100x larger (a
+    """stage2.mse_scale=std: the stage-2 error is the same for states 100x larger (a
     pretrained backbone's, say), where docs/design.md's plain error grows 10^4x; it is the plain
     error over the full path's variance at each layer, taken over the valid steps only."""
     from system15.train.stage2 import layer_mse
@@ -76,13 +76,13 @@ def test_std_scaled_error_does_not_grow_with_the_backbones_activations():
 def test_std_scaled_error_trains_and_a_bad_scale_is_refused(examples):
     from system15.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="shortcut.mse_scale"):
-        load_config(None, ["shortcut.mse_scale=max"])
+    with pytest.raises(ConfigError, match="stage2.mse_scale"):
+        load_config(None, ["stage2.mse_scale=max"])
     model = tiny_model(examples)
     losses = {}
     for scale in ("none", "std"):
         config = tiny_config()
-        config.shortcut.mse_scale = scale
+        config.stage2.mse_scale = scale
         obj = ShortcutDistillation(config)
         obj.prepare(model)
         torch.manual_seed(0)

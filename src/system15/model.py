@@ -56,9 +56,9 @@ class ModelSpec:
 
     @classmethod
     def from_run(cls, config: RunConfig, **fields) -> "ModelSpec":
-        lat, sc = config.latent, config.shortcut
-        return cls(lambda_depth=sc.lambda_depth, kv_policy=sc.kv_policy, projection_hidden=lat.projection_hidden,
-                   pause_K=lat.pause_K, adapter_dim=sc.adapter_dim, router_hidden=sc.router_hidden,
+        arch = config.architecture
+        return cls(lambda_depth=arch.lambda_depth, kv_policy=arch.kv_policy, projection_hidden=arch.projection_hidden,
+                   pause_K=config.baselines.pause_K, adapter_dim=arch.adapter_dim, router_hidden=arch.router_hidden,
                    max_new_tokens=config.task.max_new_tokens, **fields)
 
     @classmethod
@@ -142,11 +142,11 @@ class ReasoningModel(nn.Module):
         reshape_p = (new.projection_hidden or width) != (self.spec.projection_hidden or width)
         reshape_pause = max(new.pause_K, 1) != max(self.spec.pause_K, 1)
         if reshape_p:
-            self._refuse_if_trained("latent.projection_hidden", self.method in ("latent", "system15"))
+            self._refuse_if_trained("architecture.projection_hidden", self.method in ("latent", "system15"))
         if reshape_pause:
-            self._refuse_if_trained("latent.pause_K", self.method == "pause")
+            self._refuse_if_trained("baselines.pause_K", self.method == "pause")
         if self.shortcuts is not None and (new.adapter_dim, new.router_hidden) != (self.spec.adapter_dim, self.spec.router_hidden):
-            self._refuse_if_trained("shortcut.adapter_dim / shortcut.router_hidden", True)
+            self._refuse_if_trained("architecture.adapter_dim / architecture.router_hidden", True)
         self.spec = new
         if reshape_p:
             self.projection = self._fresh_projection().to(device)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import write_text_atomic
+from .config import upgrade
 
 COLUMNS = [
     ("method", "method", "{}"),
@@ -154,8 +155,8 @@ def notes(summary: dict) -> list[str]:
         out.append("Timing noise of this run: pause tokens and the latent path do nearly the same work, and their "
                    f"latency ratio is {gauge} at batch 1 / 8 / 64.")
     s15, sweep = by.get("system15"), summary.get("sweep") or []
-    own = [p for p in sweep if p["K"] == summary["config"]["latent"]["K"]
-           and p["lambda_depth"] == summary["config"]["shortcut"]["lambda_depth"]]
+    arch = upgrade(summary["config"])[0]["architecture"] if sweep else {}  # results written before the regrouping too
+    own = [p for p in sweep if p["K"] == arch["K"] and p["lambda_depth"] == arch["lambda_depth"]]
     if s15 and own and "speedup_vs_cot" in own[0]:
         out.append(f"The sweep times System-1.5's own setting again: {own[0]['speedup_vs_cot']:.2f}x faster than CoT at "
                    f"batch 1, against {s15['speedup_vs_cot']:.2f}x in the table.")

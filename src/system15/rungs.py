@@ -10,7 +10,7 @@ ladder resumes where it stopped (and a rung interrupted mid-training resumes fro
 checkpoint). A rung's training depends on
 - the task and the backbone (every key but `task.n_test`, which only the test set reads);
 - its own `stages.<method>` entry;
-- the keys its objective lists in `Objective.settings` (pause reads `latent.pause_K`, ...);
+- the keys its objective lists in `Objective.settings` (pause reads `baselines.pause_K`, ...);
 - the weights of the rung it starts from (`INIT_FROM`), recorded by their SHA-256.
 
 `run.json` records the whole config, so the first three are read back from it. One key
@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import MANIFEST, latest_good
-from .config import METHOD_ALIGN_RULES, RunConfig, TrainConfig, merge
+from .config import METHOD_ALIGN_RULES, RunConfig, TrainConfig, merge, upgrade
 from .data import DataError, Example
 from .distributed import shard_map
 from .evaluate import accuracy, evaluate
@@ -62,7 +62,7 @@ def _lookup(config: dict, key: str):
 
 # settings that are not part of any one run: the test set's size, and how the ladder chooses
 # between stage-2 runs (each grid run is the run its own mu would give)
-OUTSIDE_A_RUN = ("task.n_test", "shortcut.mu_grid", "shortcut.mu_tolerance")
+OUTSIDE_A_RUN = ("task.n_test", "stage2.mu_grid", "stage2.mu_tolerance")
 
 
 def rung_settings(method: str, config: dict, train: dict) -> dict:
@@ -115,8 +115,8 @@ def check_reusable(run_dir: Path, method: str, config: dict, train: dict, runs_d
         record = json.loads(record_path.read_text())
         # on top of today's defaults: a key added since the run was recorded takes its
         # default, which is what the code did before the key existed
-        recorded = rung_settings(method, merge(RunConfig().to_dict(), record["config"]),
-                                 merge(vars(TrainConfig()), record["train"]))
+        recorded = rung_settings(method, merge(RunConfig().to_dict(), upgrade(record["config"])[0]),
+                                 merge(dataclasses.asdict(TrainConfig()), record["train"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StaleRunError(f"{record_path}: cannot read the settings this run was trained with ({e!r}); "
                             f"move or delete {run_dir} to retrain it") from None
@@ -160,7 +160,7 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
     objective = objective_for(method, config)
     done = is_done(run_dir)
     if done or latest_good(run_dir) is not None:
-        check_reusable(run_dir, method, config.to_dict(), vars(config.stage(method)), runs_dir)
+        check_reusable(run_dir, method, config.to_dict(), dataclasses.asdict(config.stage(method)), runs_dir)
     if not done:
         parent = INIT_FROM[method]
         if parent is None:
@@ -186,27 +186,27 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
 def train_stage1(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict]:
     """Stage 1 with the configured alignment rule, and (compare_align) docs/design.md's rules too;
     the best on validation becomes runs/<name>/latent, every score is recorded."""
-    rules = [config.latent.align] + ([r for r in METHOD_ALIGN_RULES if r != config.latent.align]
-                                    if config.latent.compare_align else [])
-    scores = _train_candidates(config, "latent", splits, runs_dir, "latent", "align", rules, rule_run)
+    rules = [config.stage1.align] + ([r for r in METHOD_ALIGN_RULES if r != config.stage1.align]
+                                    if config.stage1.compare_align else [])
+    scores = _train_candidates(config, "latent", splits, runs_dir, "stage1", "align", rules, rule_run)
     chosen = max(scores, key=scores.get)
     return _keep(config, "latent", runs_dir, rule_run(chosen)), {**scores, "chosen": chosen}
 
 
 def train_stage2(config: RunConfig, splits, runs_dir: Path) -> tuple[ReasoningModel, dict | None]:
-    """Stage 2 at `shortcut.mu`, or with `shortcut.mu_grid` at each weight of the grid (runs
+    """Stage 2 at `stage2.mu`, or with `stage2.mu_grid` at each weight of the grid (runs
     <name>/system15-mu_<weight>, the runs an ablation variant `mu <weight>` trains too); the
-    largest weight whose best validation accuracy is within `shortcut.mu_tolerance` points of
+    largest weight whose best validation accuracy is within `stage2.mu_tolerance` points of
     stage 1's becomes runs/<name>/system15 (`choose_mu`), every score is recorded."""
-    grid = config.shortcut.mu_grid
+    grid = config.stage2.mu_grid
     if not grid:
         return train_rung(config, "system15", splits, runs_dir), None
-    scores = _train_candidates(config, "system15", splits, runs_dir, "shortcut", "mu", grid, _mu_run)
+    scores = _train_candidates(config, "system15", splits, runs_dir, "stage2", "mu", grid, _mu_run)
     stage1 = _best_score(runs_dir / "latent")
-    chosen = choose_mu(scores, stage1, config.shortcut.mu_tolerance)
+    chosen = choose_mu(scores, stage1, config.stage2.mu_tolerance)
     model = _keep(config, "system15", runs_dir, _mu_run(chosen))
     return model, {"scores": {f"{mu:g}": acc for mu, acc in scores.items()}, "stage1": stage1,
-                   "tolerance": config.shortcut.mu_tolerance, "chosen": chosen}
+                   "tolerance": config.stage2.mu_tolerance, "chosen": chosen}
 
 
 def rule_run(rule: str) -> str:

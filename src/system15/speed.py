@@ -277,7 +277,7 @@ def _load_learned(model_dir, device):
     if spec is not None:
         depth, policy = spec.lambda_depth, spec.kv_policy
     else:  # folders of the older layout
-        depth, policy = model.config.shortcut.lambda_depth, model.config.shortcut.kv_policy
+        depth, policy = model.config.architecture.lambda_depth, model.config.architecture.kv_policy
     return model, Route("hard", depth, policy), f"{Path(model_dir).name} ({model.backbone.family}, {model.num_layers} layers)"
 
 
@@ -309,8 +309,8 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
     load_before = _load_average()
     with torch.inference_mode(), autocast(config):
         rows, hf, checks = _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patterns,
-                                      prompt, seed, config.shortcut.kv_policy, quiet)
-        parts = profile_step(model, prompt, steps, config.shortcut.kv_policy,
+                                      prompt, seed, config.architecture.kv_policy, quiet)
+        parts = profile_step(model, prompt, steps, config.architecture.kv_policy,
                              batch=next((b for b in batch_sizes if b > 1), 8)) if profile else None
     layers = model.num_layers
     summary = {
@@ -327,8 +327,8 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
             "layers": layers, "width": model.backbone.hidden_size, "batch_sizes": batch_sizes, "steps": steps,
             "rounds": rounds, "keep": KEEP, "skip_fractions": list(fractions), "patterns": list(patterns),
             "skipped_layers": {str(f): skipped_count(f, layers) for f in fractions}, "seed": seed,
-            "kv_policy": config.shortcut.kv_policy, "adapter_dim": config.shortcut.adapter_dim,
-            "router_hidden": config.shortcut.router_hidden, "precision": precision_for(config),
+            "kv_policy": config.architecture.kv_policy, "adapter_dim": config.architecture.adapter_dim,
+            "router_hidden": config.architecture.router_hidden, "precision": precision_for(config),
             "prompt": prompt, "prompt_tokens": len(model.tokenizer.encode(prompt)),
             "model_dir": None if model_dir is None else str(model_dir),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - began, 1),

@@ -63,8 +63,8 @@ def run_ablation(ablation: Ablation, *, runs_root: str | Path = "runs", results_
         worth = average_worth(cfg, method, run_dir, model, splits) if run_name else None
         if worth:
             rows[-1]["accuracy_without_average"] = worth["test_own"]
-        if method == "latent" and cfg.latent.probe and K:  # what the probe branches were trained to say
-            which = "first" if cfg.latent.probe_results == "all" else "last"  # live: the most recent first
+        if method == "latent" and cfg.stage1.probe and K:  # what the probe branches were trained to say
+            which = "first" if cfg.stage1.probe_results == "all" else "last"  # live: the most recent first
             rows[-1]["probe_readout"] = probe_readout(model, [encode(model.tokenizer, e) for e in test], K, which)
     with autocast(recipe):  # batch-1 timing of every row, in interleaved rounds
         ms = measure_latencies(runs, timing_set, max_new_tokens=recipe.task.max_new_tokens, rounds=recipe.eval.timing_rounds)

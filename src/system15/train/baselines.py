@@ -13,10 +13,10 @@ class Pause(Objective):
 
     name = "pause"
     thought = "pause"
-    settings = ("latent.pause_K",)
+    settings = ("baselines.pause_K",)
 
     def __init__(self, config):
-        self.K = config.latent.pause_K
+        self.K = config.baselines.pause_K
 
     def eval_K(self, config):
         return self.K
@@ -46,10 +46,10 @@ class Coconut(Objective):
 
     name = "coconut"
     thought = "hidden"
-    settings = ("latent.coconut_c", "latent.coconut_stages")
+    settings = ("baselines.coconut_c", "baselines.coconut_stages")
 
     def __init__(self, config):
-        self.c, self.stages = config.latent.coconut_c, config.latent.coconut_stages
+        self.c, self.stages = config.baselines.coconut_c, config.baselines.coconut_stages
         self.stage = 1
 
     def eval_K(self, config):

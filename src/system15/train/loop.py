@@ -14,6 +14,7 @@ folder: `fit` holds its lock (`checkpoint.RunLock`) from start to end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -127,7 +128,7 @@ def run_record(objective: Objective, cfg: TrainConfig, accelerator, run_config: 
     """What run.json keeps: enough to tell which code, settings and seed made the run."""
     import transformers
 
-    return {"method": objective.name, "train": vars(cfg), "config": run_config,
+    return {"method": objective.name, "train": dataclasses.asdict(cfg), "config": run_config,
             "version": __version__, "git": git_revision(), "seed": cfg.seed,
             "processes": accelerator.num_processes, "distributed": accelerator.distributed_type.value,
             "torch": torch.__version__, "transformers": transformers.__version__, "argv": sys.argv}

@@ -9,20 +9,20 @@ teacher's last-layer state (stop-gradient) at the last token of the CoT segment 
 covers. Rule "codi": every layer, at the position just before the answer, each layer's
 difference divided by the teacher's standard deviation at that layer. Rule
 "segment_layers" (a lever of ours): the segment rule at every layer, normalised as CODI's.
-With latent.align_scale = "dim" (another lever), the normalised rules divide each hidden
+With experimental.align_scale = "dim" (another lever), the normalised rules divide each hidden
 dimension by its own std over the batch instead of one std for the whole layer, so the
 dimensions that tell examples apart weigh as much as those every example shares.
 
-With latent.teacher_rows < 1, the teacher runs on only the first rows of each batch (a random
+With stage1.teacher_rows < 1, the teacher runs on only the first rows of each batch (a random
 draw, so a random share of it): its NLL and the alignment are averaged over those rows, while
 the student's answer NLL and the probe still cover every row. The other rows run their prompt
 alone, to give the student its prefix. The teacher's pass over prompt and chain is most of a
 step's arithmetic, and its NLL stays near zero after CoT-SFT, so a smaller share buys steps.
 
-Optional (latent.probe > 0), one of the levers the plain rule needed at small scale: after
+Optional (stage1.probe > 0), one of the levers the plain rule needed at small scale: after
 latent step k, a short teacher-forced branch must decode `#### <results of segment k>`, so
 the latent path is made to carry the intermediate values themselves. With
-latent.probe_results = "all" the branch decodes every result of the segment in order, so a
+stage1.probe_results = "all" the branch decodes every result of the segment in order, so a
 later result may lean on the earlier ones written as tokens; with "last" it decodes only the
 segment's last result, which the latent state must then hold on its own; with "live" it
 decodes every result up to the segment's end that a later step reads (`layout.segment_live`),
@@ -46,25 +46,25 @@ from .objective import (Objective, example_nll, join_prefixes, layer_std, prompt
 class LatentDistillation(Objective):
     name = "latent"
     thought = "latent"
-    settings = ("latent.K", "latent.alpha", "latent.align", "latent.align_scale", "latent.probe", "latent.probe_results",
-                "latent.warm_start", "latent.teacher_inputs", "latent.projection_hidden", "latent.projection_lr",
-                "latent.teacher_rows", "latent.prompt_grad")
+    settings = ("architecture.K", "stage1.alpha", "stage1.align", "experimental.align_scale", "stage1.probe", "stage1.probe_results",
+                "experimental.warm_start", "experimental.teacher_inputs", "architecture.projection_hidden", "stage1.projection_lr",
+                "stage1.teacher_rows", "experimental.prompt_grad")
 
     def __init__(self, config):
-        self.K, self.alpha, self.rule = config.latent.K, config.latent.alpha, config.latent.align
-        self.scale = config.latent.align_scale
-        self.probe, self.probe_results = config.latent.probe, config.latent.probe_results
-        self.warm_start, self.teacher_inputs = config.latent.warm_start, config.latent.teacher_inputs
-        self.projection_lr = config.latent.projection_lr
-        self.teacher_rows = config.latent.teacher_rows
-        self.prompt_grad = config.latent.prompt_grad
+        self.K, self.alpha, self.rule = config.architecture.K, config.stage1.alpha, config.stage1.align
+        self.scale = config.experimental.align_scale
+        self.probe, self.probe_results = config.stage1.probe, config.stage1.probe_results
+        self.warm_start, self.teacher_inputs = config.experimental.warm_start, config.experimental.teacher_inputs
+        self.projection_lr = config.stage1.projection_lr
+        self.teacher_rows = config.stage1.teacher_rows
+        self.prompt_grad = config.experimental.prompt_grad
         self.active = self.K  # latent steps in use; fewer during the warm start
 
     def eval_K(self, config):
         return self.K
 
     def param_groups(self, model):
-        """P at `latent.projection_lr` times the stage's rate: it starts from random weights,
+        """P at `stage1.projection_lr` times the stage's rate: it starts from random weights,
         the backbone from CoT-SFT's. At 1, the one group every method has."""
         if self.projection_lr == 1:
             return super().param_groups(model)
@@ -93,7 +93,7 @@ class LatentDistillation(Objective):
         return [i for step in e.steps[first:] for i in step]
 
     def teachers(self, batch_size: int) -> int:
-        """How many rows of a batch the teacher runs on (`latent.teacher_rows`; at least one)."""
+        """How many rows of a batch the teacher runs on (`stage1.teacher_rows`; at least one)."""
         return max(1, round(self.teacher_rows * batch_size))
 
     def collate(self, model, examples):
@@ -124,7 +124,7 @@ class LatentDistillation(Objective):
         return batch
 
     def _probe_results(self, e) -> list[list[str]]:
-        """Per latent step, the results its probe asks for (`latent.probe_results`)."""
+        """Per latent step, the results its probe asks for (`stage1.probe_results`)."""
         if self.probe_results == "live":
             return segment_live(e, self.K)
         per_step = segment_results(e, self.K)
@@ -179,12 +179,12 @@ class LatentDistillation(Objective):
 
 
 def teacher_inputs(t_final: torch.Tensor, segment_pos: torch.Tensor, K: int, chance: float) -> list:
-    """Latent teacher forcing (latent.teacher_inputs): each example's step k > 1 starts, with
+    """Latent teacher forcing (experimental.teacher_inputs): each example's step k > 1 starts, with
     probability `chance`, from the teacher's last-layer state (stop-gradient) at the end of
     segment k-1, the state step k-1 is aligned to, instead of from step k-1's own output. Step
     k then learns its own segment from a clean start; decoding always chains its own states.
     Examples whose segment k-1 is empty, or that have no teacher (rows past `t_final`'s, see
-    `latent.teacher_rows`), keep their own state. `forced` for `thought_forward`."""
+    `stage1.teacher_rows`), keep their own state. `forced` for `thought_forward`."""
     forced = [None]
     rows = torch.arange(len(segment_pos), device=segment_pos.device).clamp(max=len(t_final) - 1)
     for k in range(1, K):
@@ -213,7 +213,7 @@ def probe_readout(model, examples: list[Encoded], K: int, which: str = "first", 
     """How far the latent chain gets: after each latent step k, branch the cache, feed `<eot>`
     and decode greedily up to `<eos>`, as decoding does; the share of examples whose first
     number after `####` is the result the probe was trained to write first: the first result
-    of the segment step k covers (latent.probe_results "all"), or its last ("last"). Steps
+    of the segment step k covers (stage1.probe_results "all"), or its last ("last"). Steps
     covering no CoT step are scored over the examples that have one."""
     tok = model.tokenizer
     ids, visible = pad([prompt(tok, e) for e in examples], tok.pad_id, left=True)

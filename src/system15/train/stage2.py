@@ -9,7 +9,7 @@ one at a time; the answer tokens go through each layer together (`tail_pass`). L
          + beta * NLL(answer | mixed path)
          + mu * sum_{l,t} e_{l,t} * (1 - w_{l,t})                    (compute cost)
 
-with s_l = 1 (shortcut.mse_scale "none", docs/design.md's formula) or the std of the full path's
+with s_l = 1 (stage2.mse_scale "none", docs/design.md's formula) or the std of the full path's
 states at layer l over the batch's steps (stop-gradient; "std"). A pretrained backbone's
 states are far larger than a small one's, so with "none" the squared error swamps the compute
 cost and one mu means different things on different backbones; "std" makes the error, and so
@@ -35,11 +35,11 @@ SOFT = Route(mode="soft")
 class ShortcutDistillation(Objective):
     name = "system15"
     thought = "latent"
-    settings = ("latent.K", "shortcut")
+    settings = ("architecture.K", "architecture.adapter_dim", "architecture.router_hidden", "architecture.kv_policy", "stage2")
 
     def __init__(self, config):
-        self.K = config.latent.K
-        self.sc = config.shortcut
+        self.K = config.architecture.K
+        self.sc = config.stage2
 
     def eval_K(self, config):
         return self.K
