@@ -3,7 +3,7 @@ launch-bound (results/gsm8k_smollm2/README.md), so the count predicts their cost
 FLOPs do. Counted on the CPU with torch.profiler (top-level ops of one forward and backward
 at batch 8; on CUDA each is one or more kernel launches). Writes results/gsm8k_smollm2/step_ops.json.
 
-    python recipes/gpu_lease/step_ops.py configs/gsm8k_smollm2.yaml
+    python recipes/gsm8k_gpu/step_ops.py configs/gsm8k_smollm2.yaml
 """
 
 import json
@@ -14,9 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from system15.config import METHODS, load_config
+from system15.data import load_splits
 from system15.layout import encode
 from system15.model import build_model
-from system15.data import load_splits
 from system15.train import objective_for
 
 config = load_config(sys.argv[1], ["device=cpu"])
