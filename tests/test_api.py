@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import system15
-from system15.data import DataError, SyntheticTask, question_key
+from system15.data import DataError, SyntheticTask
 from system15.inference import Answer
+from tests.helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,22 +41,6 @@ def write_tiny_hf_folder(folder: Path, family: str, texts: list[str]) -> Path:
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
-
-
-def write_jsonl(path: Path, examples, plain: bool = False) -> Path:
-    """Examples in the documented layout: {"question", "cot", "answer"}; `plain` writes the
-    steps as plain text with their labels instead of equations."""
-    lines = []
-    for e in examples:
-        record = {"question": e.question, "answer": e.answer}
-        if plain:
-            record["cot"] = [f"compute {s.text[2:-2]}" for s in e.steps]
-            record["critical"] = [s.critical for s in e.steps]
-        else:
-            record["cot"] = [s.text for s in e.steps]
-        lines.append(json.dumps(record))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 STAGE = "{steps: 2, batch_size: 4, eval_every: 2, warmup: 1}"
@@ -100,38 +85,6 @@ def test_train_save_move_and_answer_from_your_own_backbone_and_data(tmp_path, fa
     assert a.flops > 0 and (a.value is None or str(a.value) == a.answer.replace(",", ""))
 
 
-def test_answer_labels_thought_steps_where_the_chain_is_known(examples):
-    from conftest import tiny_model
-
-    model = tiny_model(examples)
-    model.spec.K = 2
-    a = model.answer(examples[:1], max_new_tokens=3)[0]
-    assert [r.critical for r in a.routes[:2]] == [any(s.critical for s in examples[0].steps[:1]),
-                                                  any(s.critical for s in examples[0].steps[1:])]
-
-
-def test_a_question_longer_than_the_backbone_names_its_line_and_the_limit(tmp_path, examples):
-    from system15.data import read_examples
-
-    from conftest import tiny_model
-
-    model = tiny_model(examples, **{"backbone.n_positions": 64})
-    data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"question": "a=1,b=2,c=a+b. c?", "answer": 3}) + "\n"
-                    + json.dumps({"question": "a=1," * 30 + " a?", "answer": 1}) + "\n")
-    with pytest.raises(DataError, match=r"long.jsonl:2: question: \d+ tokens.* need \d+ positions; the backbone has 64"):
-        model.answer(read_examples(data), K=2, max_new_tokens=8)
-
-
-@pytest.mark.parametrize("bad", [1.5, -0.1, "0.5", True])
-def test_a_threshold_outside_the_unit_interval_is_refused(examples, bad):
-    from conftest import tiny_model
-
-    for model in (tiny_model(examples), tiny_model(examples, shortcuts=True)):
-        with pytest.raises(ValueError, match="lambda_depth: must lie in"):
-            model.answer(["a=1. a?"], K=1, lambda_depth=bad)
-
-
 def _hub_cache(home: Path, model_id: str, texts) -> None:
     """A model in the hub cache's own layout, as a download would leave it."""
     repo = home / "hub" / f"models--{model_id.replace('/', '--')}"
@@ -159,37 +112,6 @@ def test_a_hub_id_loads_offline_from_the_cache_and_an_unknown_one_fails_in_one_l
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "'nobody/nothing'" in lines[0] and "no hub was reachable" in lines[0], bad.stderr
     assert not (tmp_path / "runs").exists(), "nothing is written for a backbone that cannot load"
-
-
-def test_train_and_test_files_that_share_questions_are_refused(tmp_path, examples):
-    from system15.data import load_splits
-
-    train = write_jsonl(tmp_path / "train.jsonl", examples[:8])
-    test = write_jsonl(tmp_path / "test.jsonl", examples[6:10])
-    valid = write_jsonl(tmp_path / "valid.jsonl", examples[10:12])
-    files = ["task.name=files", f"task.train={train}", f"task.valid={valid}", f"task.test={test}"]
-    config = system15.load_config(None, files)
-    with pytest.raises(DataError, match=r"train.jsonl: question: 2 question\(s\) also appear in .*test.jsonl"):
-        load_splits(config)
-    allowed = system15.load_config(None, [*files, "task.allow_overlap=true"])
-    assert len(load_splits(allowed)["test"]) == 4
-
-
-def test_a_single_file_is_split_by_a_seeded_hold_out_without_overlap(tmp_path):
-    examples = SyntheticTask(n_steps=2).generate(200, seed=5)
-    path = write_jsonl(tmp_path / "all.jsonl", examples + examples[:20])  # repeats stay on one side
-    from system15.data import load_splits
-
-    splits = load_splits(system15.load_config(None, ["task.name=files", f"task.train={path}", "task.n_valid=500"]))
-    keys = {name: {question_key(e.question) for e in split} for name, split in splits.items()}
-    assert keys["train"] and keys["valid"] and keys["test"]
-    assert not (keys["train"] & keys["valid"] or keys["train"] & keys["test"] or keys["valid"] & keys["test"])
-    distinct = len({question_key(e.question) for e in examples})
-    assert sum(len(s) for s in splits.values()) == 220 and len(keys["test"]) == round(0.1 * distinct)
-    again = load_splits(system15.load_config(None, ["task.name=files", f"task.train={path}", "task.n_valid=500"]))
-    assert again == splits
-    other = load_splits(system15.load_config(None, ["task.name=files", f"task.train={path}", "task.seed=1"]))
-    assert {question_key(e.question) for e in other["test"]} != keys["test"]
 
 
 def test_a_bad_line_names_file_line_and_field_and_writes_nothing(tmp_path, examples):

@@ -80,3 +80,18 @@ def test_unsupported_model_is_refused():
 
     with pytest.raises(ValueError, match="unsupported backbone"):
         Backbone(BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)))
+
+
+def test_stacked_caches_keep_each_rows_keys_and_hide_the_padding():
+    from system15.backbone import KVCache
+
+    short, long = KVCache.empty(1), KVCache.empty(1)
+    short.append_kv(0, torch.ones(1, 2, 3, 4), 2 * torch.ones(1, 2, 3, 4))
+    short.append_positions(torch.tensor([[False, True, True]]))
+    long.append_kv(0, torch.full((2, 2, 5, 4), 3.0), torch.full((2, 2, 5, 4), 4.0))
+    long.append_positions(torch.ones(2, 5, dtype=torch.bool), [torch.tensor([[False] * 4 + [True]] * 2)])
+    both = KVCache.stack_rows([short, long])
+    assert both.keys[0].shape == (3, 2, 5, 4) and both.length == 5
+    assert both.keys[0][0, :, :3].eq(1).all() and both.keys[0][0, :, 3:].eq(0).all() and both.values[0][1:].eq(4).all()
+    assert both.visible.tolist() == [[False, True, True, False, False]] + [[True] * 5] * 2
+    assert both.visible_to(0).tolist() == [[False, True, True, False, False]] + [[True] * 4 + [False]] * 2

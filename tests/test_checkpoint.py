@@ -1,41 +1,29 @@
-"""Sealed checkpoints: atomic writes, a size + SHA-256 manifest verified on load, fallback to
-the previous good checkpoint, and refusal of damaged model folders."""
+"""Sealed checkpoints (checkpoint.py): atomic writes, a size + SHA-256 manifest verified on
+load, fallback to the previous good checkpoint, and one writer per run folder (the run lock).
+Damaged model folders: tests/test_model.py."""
 
 from __future__ import annotations
 
 import json
-import struct
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from system15.checkpoint import (MANIFEST, CheckpointError, checkpoints, latest_good, load_training_state, prune,
-                                 recover, save_training_state, verify, write_atomic, write_text_atomic)
-from system15.model import load_reasoning_model
-
-from tiny_run import tiny_config, tiny_setup
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def flip_byte(path: Path) -> None:
-    """Flip one bit in the middle of the data (past a safetensors header), size unchanged."""
-    data = bytearray(path.read_bytes())
-    start = 8 + struct.unpack("<Q", data[:8])[0] if path.suffix == ".safetensors" else 0
-    data[(start + len(data)) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model, objective, encoded, _ = tiny_setup(tiny_config(steps=3, batch=4))
-    objective.prepare(model)
-    return model, objective, encoded
+from system15.checkpoint import (LOCK, LOCK_GRACE, MANIFEST, CheckpointError, RunLock, RunLockedError, checkpoints,
+                                 latest_good, load_training_state, prune, recover, save_training_state, verify,
+                                 write_atomic, write_text_atomic)
+from system15.train.loop import fit
+from tests.helpers import child_env, copy_of, flip_byte, truncate
+from tests.helpers.tiny_run import Slow, tiny_config, tiny_setup
 
 
 def trained_optimizer(model, objective, encoded, steps: int = 2) -> torch.optim.AdamW:
@@ -53,12 +41,6 @@ def state_dir(tiny, tmp_path_factory):
     model, objective, encoded = tiny
     opt = trained_optimizer(model, objective, encoded)
     return save_training_state(tmp_path_factory.mktemp("ckpt") / "step-0000002", model, opt, {"step": 2, "best": 0.5})
-
-
-def copy_of(directory: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    return Path(shutil.copytree(directory, tmp_path / directory.name))
 
 
 # -- write_atomic / verify ------------------------------------------------------------------
@@ -229,107 +211,128 @@ def test_recover_drops_the_old_version_when_the_new_one_is_in_place(tmp_path):
     assert (tmp_path / "best" / "w").read_text() == "v2" and [p.name for p in tmp_path.iterdir()] == ["best"]
 
 
-# -- model folders (load_reasoning_model) -----------------------------------------------------
+# -- one writer per run folder (RunLock): while `fit` trains into a folder, a second `fit` into it is
+# refused (naming the holder's pid) before it touches a file; a lock left by a killed process is
+# taken over, and the run resumes from its last checkpoint to the end.
 
-@pytest.fixture(scope="module")
-def model_dir(tiny, tmp_path_factory):
-    model, _, _ = tiny
-    return write_atomic(tmp_path_factory.mktemp("model") / "best", model.save)
-
-
-def test_saved_model_loads_back(tiny, model_dir):
-    loaded = load_reasoning_model(model_dir)
-    for (name, a), (_, b) in zip(tiny[0].state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+STEPS, EVERY = 30, 10
 
 
-def test_a_rung_may_reshape_only_what_its_parent_never_trained(tiny, model_dir, tmp_path):
-    """A stage-1 variant with a wider P starts from the CoT model, whose P was never trained;
-    a model that did train its P refuses the change instead of silently dropping it."""
-    import dataclasses
-    import shutil
-
-    from system15.config import ConfigError
-
-    base = tiny_config(steps=3, batch=4)
-    wider = dataclasses.replace(base, architecture=dataclasses.replace(base.architecture, projection_hidden=48),
-                                baselines=dataclasses.replace(base.baselines, pause_K=3))
-    assert tiny[0].method == "cot"
-    loaded = load_reasoning_model(model_dir, wider)
-    assert loaded.projection.net[0].weight.shape == (48, 32) and loaded.pause.shape == (3, 32)
-    assert (loaded.spec.projection_hidden, loaded.spec.pause_K) == (48, 3)
-    assert torch.equal(loaded.backbone.embed(torch.arange(5)), tiny[0].backbone.embed(torch.arange(5)))
-    latent = Path(shutil.copytree(model_dir, tmp_path / "latent"))
-    meta = json.loads((latent / "system15.json").read_text())
-    (latent / "system15.json").write_text(json.dumps({**meta, "method": "latent"}))
-    (latent / "manifest.json").unlink()
-    with pytest.raises(ConfigError, match="architecture.projection_hidden"):
-        load_reasoning_model(latent, wider)
+def tiny_fit(run_dir: Path, objective_wrapper=None) -> dict:
+    config = tiny_config(steps=STEPS, eval_every=EVERY)
+    model, objective, encoded, _ = tiny_setup(config)
+    if objective_wrapper is not None:
+        objective = objective_wrapper(objective)
+    return fit(model, objective, encoded, config.stage("cot"), run_dir, quiet=True)
 
 
-def test_model_folder_without_weights_is_refused(model_dir, tmp_path):
-    d = copy_of(model_dir, tmp_path)
-    (d / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
-        load_reasoning_model(d)
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.exists(), f"{path} never appeared (rc {proc.poll()})"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "header"])
-@pytest.mark.parametrize("sealed", [True, False], ids=["with-manifest", "without-manifest"])
-def test_model_folder_with_damaged_weights_is_refused(model_dir, tmp_path, damage, sealed):
-    """Sealed folders are refused by the manifest; unsealed ones by safetensors itself."""
-    d = copy_of(model_dir, tmp_path)
-    if not sealed:
-        (d / "manifest.json").unlink()
-    weights = d / "model.safetensors"
-    if damage == "truncate":
-        truncate(weights)
-    else:
-        data = bytearray(weights.read_bytes())
-        data[8:12] = b"\xff\xfe{]"
-        weights.write_bytes(bytes(data))
-    expected = (CheckpointError, "size|checksum") if sealed else (ValueError, "cannot load weights")
-    with pytest.raises(expected[0], match=expected[1]) as err:
-        load_reasoning_model(d)
-    assert str(weights) in str(err.value)
+def holder(run_dir: Path) -> dict:
+    return json.loads((run_dir / LOCK).read_text())
 
 
-def test_flipped_weight_byte_is_caught_by_the_folder_manifest(model_dir, tmp_path):
-    d = copy_of(model_dir, tmp_path)
-    flip_byte(d / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
-        verify(d)
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
-def test_load_reasoning_model_refuses_a_flipped_weight_byte(model_dir, tmp_path):
-    """safetensors has no checksum; the folder's manifest catches a flipped bit in the weights."""
-    d = copy_of(model_dir, tmp_path)
-    flip_byte(d / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
-        load_reasoning_model(d)
+@pytest.mark.usefixtures("one_thread")
+def test_a_second_writer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "tests.helpers.tiny_run", str(run_dir), "--steps", str(STEPS),
+                              "--eval-every", str(EVERY), "--sleep", "0.1"],
+                             env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(run_dir / LOCK, first)
+        assert holder(run_dir)["pid"] == first.pid and holder(run_dir)["host"] == socket.gethostname()
+
+        with pytest.raises(RunLockedError, match=rf"locked by pid {first.pid} "):
+            tiny_fit(run_dir)
+        assert holder(run_dir)["pid"] == first.pid, "the refused run must leave the holder's lock alone"
+
+        checkpoint = run_dir / "checkpoints" / "step-0000010"
+        wait_for(checkpoint, first)
+        first.send_signal(signal.SIGKILL)
+        _, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == -signal.SIGKILL, f"run ended by itself: {err.decode()[-2000:]}"
+    assert holder(run_dir)["pid"] == first.pid and not (run_dir / "done.json").exists()
+
+    with pytest.warns(UserWarning, match=rf"took over the lock of pid {first.pid}"):
+        summary = tiny_fit(run_dir)
+    assert summary["steps"] == STEPS
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    resumed = [e["resumed_from"] for e in log if "resumed_from" in e]
+    assert len(resumed) == 1 and resumed[0].startswith(str(run_dir / "checkpoints" / "step-"))
+    assert not (run_dir / LOCK).exists(), "a finished run releases its lock"
 
 
-def test_a_folder_written_before_system15_json_still_loads_without_its_training_paths(tiny, model_dir, tmp_path):
-    """The earlier layout (model.json beside the whole run config.json) loads from the folder
-    alone, even though its run config names a backbone folder that no longer exists."""
-    import shutil
+@pytest.mark.usefixtures("one_thread")
+def test_the_lock_is_released_when_fit_raises(tmp_path):
+    class Broken(Slow):
+        def loss(self, model, batch):
+            raise KeyError("broken objective")
 
-    old = Path(shutil.copytree(model_dir, tmp_path / "old"))
-    spec = json.loads((old / "system15.json").read_text())
-    (old / "system15.json").unlink()
-    (old / "manifest.json").unlink()
-    (old / "model.json").write_text(json.dumps({"method": "latent", "thought": "latent", "shortcuts": False,
-                                                "family": "gpt2"}))
-    run = tiny_config(steps=3, batch=4).to_dict()
-    run["backbone"].update(source="hf", path=str(tmp_path / "gone"))
-    arch = run.pop("architecture")  # the layout of its day: latent.* and shortcut.*
-    run["latent"] = {"K": 3, "projection_hidden": arch["projection_hidden"]}
-    run["shortcut"] = {k: arch[k] for k in ("adapter_dim", "router_hidden", "lambda_depth", "kv_policy")}
-    (old / "config.json").write_text(json.dumps(run))
-    loaded = load_reasoning_model(old)
-    assert (loaded.method, loaded.thought, loaded.spec.K) == ("latent", "latent", 3)
-    assert loaded.spec.projection_hidden == spec["projection_hidden"] and loaded.spec.max_new_tokens == spec["max_new_tokens"]
-    for (name, a), (_, b) in zip(tiny[0].state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
-    loaded.save(tmp_path / "new")  # saved again: the current layout
-    assert (tmp_path / "new" / "system15.json").exists() and not (tmp_path / "new" / "config.json").exists()
+    with pytest.raises(KeyError, match="broken objective"):
+        tiny_fit(tmp_path / "run", lambda objective: Broken(objective, 0.0))
+    assert not (tmp_path / "run" / LOCK).exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stale_or_empty_lock_is_taken_over_and_a_live_or_foreign_one_is_not(tmp_path):
+    lock = tmp_path / LOCK
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    with pytest.warns(UserWarning, match="no longer runs"), RunLock(tmp_path):
+        assert holder(tmp_path)["pid"] == os.getpid()
+    assert not lock.exists()
+
+    lock.write_text("")  # its holder died between creating and writing it
+    old = time.time() - 2 * LOCK_GRACE
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning):
+        RunLock(tmp_path).acquire().release()
+    assert not lock.exists()
+
+    # the same process, again: alive
+    with RunLock(tmp_path), pytest.raises(RunLockedError, match=rf"locked by pid {os.getpid()} "):
+        RunLock(tmp_path).acquire()
+
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": "elsewhere", "since": "then"}))
+    with pytest.raises(RunLockedError, match="on host elsewhere .* delete"):
+        RunLock(tmp_path).acquire()
+    assert holder(tmp_path)["host"] == "elsewhere"
+
+
+def _race(run_dir: str, results) -> None:
+    try:
+        with RunLock(run_dir):
+            results.put("won")
+            time.sleep(1.0)  # hold it while the others try
+    except RunLockedError:
+        results.put("refused")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_of_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
+    (tmp_path / LOCK).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    racers = [context.Process(target=_race, args=(str(tmp_path), results)) for _ in range(6)]
+    for p in racers:
+        p.start()
+    for p in racers:
+        p.join(timeout=60)
+    outcomes = sorted(results.get(timeout=5) for _ in racers)
+    assert outcomes == ["refused"] * 5 + ["won"]
+    assert not (tmp_path / LOCK).exists()

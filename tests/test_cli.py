@@ -10,7 +10,7 @@ from system15.checkpoint import write_atomic
 from system15.cli import main
 from system15.config import help_lines
 
-from conftest import DATA_ROOT, tiny_config, tiny_model, tiny_pairs
+from tests.helpers import DATA_ROOT, tiny_config, tiny_model, tiny_pairs
 
 TINY = ["backbone.n_layer=2", "backbone.n_embd=32", "backbone.n_head=2", f"task.data_root={DATA_ROOT}",
         "task.n_train=64", "task.n_valid=4", "task.n_test=6", "task.max_new_tokens=8", "methods=[cot,nocot]",

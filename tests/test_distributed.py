@@ -10,7 +10,6 @@ Accelerator(cpu=True) then joins a gloo process group on a machine without CUDA.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,8 +23,8 @@ from system15.checkpoint import checkpoints, verify
 from system15.distributed import gather, shard, shard_indices, shard_map
 from system15.train.loop import fit
 
-from conftest import SCRIPTS
-from tiny_run import tiny_config, tiny_setup
+from tests.helpers import child_env
+from tests.helpers.tiny_run import tiny_config, tiny_setup
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
 TOLERANCE = 1e-5  # relative; observed ~2e-7 (gloo's all-reduce sums in another order than one batch)
@@ -50,7 +49,7 @@ NETWORK_FLAKES = ("address already in use", "eaddrinuse", "distnetworkerror", "r
 def run_launch(command: list[str], timeout: int, cwd: Path | None = None) -> None:
     """Run an `accelerate launch`; a port race in the rendezvous (free_port() hands out a port
     that another process may grab first) earns one retry on a fresh port, nothing else does."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = child_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for attempt in range(2):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         output = proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -62,7 +61,7 @@ def run_launch(command: list[str], timeout: int, cwd: Path | None = None) -> Non
 
 
 def launch(out: Path, steps: int, batch: int, timeout: int) -> Path:
-    run_launch(accelerate_launch(str(SCRIPTS / "ddp_check.py"), str(out), "--steps", str(steps), "--batch", str(batch)),
+    run_launch(accelerate_launch("-m", "tests.helpers.ddp_check", str(out), "--steps", str(steps), "--batch", str(batch)),
                timeout)
     return out
 

@@ -8,19 +8,7 @@ import torch
 from system15.engine import FULL, Route, decode_step, fill_kv, generate, prefill
 from system15.layout import encode, pad, prompt
 
-from conftest import tiny_model
-
-
-def randomise_routers(model, seed=0, spread=3.0):
-    """Untrained routers are closed; give them varied scores around 0.5 and non-zero adapters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.shortcuts.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for layer in model.shortcuts.layers:
-            layer.score.weight.copy_(torch.randn(layer.score.weight.shape, generator=g) * spread)
-            layer.score.bias.zero_()
-    return model
+from tests.helpers import encoded, randomise_routers, tiny_model
 
 
 def prompts_of(model, examples):
@@ -144,38 +132,6 @@ def test_flops_fall_when_layers_are_skipped(examples, policy):
     assert per_step(skip) < per_step(full) / 3
 
 
-def test_folded_shortcuts_compute_what_the_modules_do(examples):
-    """Inference's folded router and adapters: the same functions as LayerShortcut's, and
-    the logit threshold makes the same decision as sigmoid(logit) > lambda_depth."""
-    model = randomise_routers(tiny_model(examples, "gpt2", shortcuts=True))
-    width = model.backbone.hidden_size
-    g = torch.Generator().manual_seed(1)
-    h, h_prev = torch.randn(7, width, generator=g), torch.randn(7, width, generator=g)
-    with torch.no_grad():
-        for sc, fold in zip(model.shortcuts.layers, model.shortcuts.folded()):
-            w, depth = sc.route(h)
-            _, act, logits = fold.decide(h)
-            assert torch.allclose(torch.sigmoid(logits), w, atol=1e-6)
-            assert torch.allclose(fold.branch(h, act, h_prev), sc.branch(h, depth, h_prev), atol=1e-5)
-            for lam in (0.0, 0.2, 0.5, 0.9, 1.0):
-                ours = [x > Route("hard", lam).threshold for x in logits.view(-1).tolist()]
-                assert ours == [bool(x > lam) for x in w.view(-1)] or lam in (0.0, 1.0)
-            assert all(x > Route("hard", 0.0).threshold for x in logits.view(-1).tolist())
-            assert not any(x > Route("hard", 1.0).threshold for x in logits.view(-1).tolist())
-
-
-def test_folded_shortcuts_follow_the_weights(examples):
-    """The folded copy is rebuilt when a parameter changes (an optimizer step, a load)."""
-    model = tiny_model(examples, "gpt2", shortcuts=True)
-    first = model.shortcuts.folded()
-    assert model.shortcuts.folded() is first  # nothing changed: reused
-    with torch.no_grad():
-        model.shortcuts.layers[0].score.bias.add_(1.0)
-    again = model.shortcuts.folded()
-    assert again is not first
-    assert torch.equal(again[0].score_bias, model.shortcuts.layers[0].score.bias)
-
-
 def test_the_fill_folds_into_the_router_where_the_norms_agree(examples, family):
     """GPT-2: the skipped layer's K/V come from the router's own normalisation in one
     product, equal to the layer's norm and projections; Llama's RMSNorm keeps its own path.
@@ -270,3 +226,40 @@ def test_a_decoding_cache_grows_in_place_and_a_fork_writes_its_own_copy(examples
         assert child._store[0][0] is not buffer
         assert torch.equal(parent_step.hidden, child_step.hidden)
         assert torch.equal(cache.keys[1], child.keys[1]) and cache.keys[1].shape[2] == ids.shape[1] + 1
+
+
+def test_latent_step_input_is_P_of_the_previous_last_hidden_state(examples):
+    model = tiny_model(examples)
+    seen = []
+    model.projection.register_forward_hook(lambda mod, args, out: seen.append((args[0].clone(), out.clone())))
+    prompts = [prompt(model.tokenizer, e) for e in encoded(model, examples[:2])]
+    generate(model, prompts, K=3, max_new_tokens=2)
+    assert len(seen) == 3  # one P call per latent step
+    from system15.engine import prefill
+
+    ids, visible = pad(prompts, model.tokenizer.pad_id, left=True)
+    with torch.no_grad():
+        _, last, _, _ = prefill(model, ids, visible)
+    assert torch.allclose(seen[0][0], last)  # step 1 reads P(h_L at <bot>)
+
+
+def test_K_zero_is_answer_only_decoding(examples, family):
+    """generate(K=0) equals greedy decoding of `question <bot> <eot>` by full recomputation."""
+    from system15.backbone import positions_from_mask
+
+    model = tiny_model(examples, family)
+    tok = model.tokenizer
+    for e in encoded(model, examples[:3]):
+        gen = generate(model, [prompt(tok, e)], K=0, max_new_tokens=6)[0]
+        seq = prompt(tok, e) + [tok.eot_id]
+        ref = []
+        with torch.no_grad():
+            for _ in range(len(gen.tokens)):
+                ids = torch.tensor([seq])
+                vis = torch.ones_like(ids, dtype=torch.bool)
+                final, _ = model.backbone.forward_full(model.backbone.embed(ids), positions_from_mask(vis), vis)
+                nxt = int(model.backbone.head(final[0, -1]).argmax())
+                ref.append(nxt)
+                seq.append(nxt)
+        assert gen.tokens == ref
+        assert gen.thought_steps == 0 and gen.decoding_steps == len(gen.tokens)

@@ -8,7 +8,7 @@ import system15.evaluate as evaluate_module
 from system15.engine import FULL
 from system15.evaluate import measure_latencies
 
-from conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_latencies_are_timed_batch_by_batch_in_interleaved_rounds(examples, monkeypatch):

@@ -8,7 +8,7 @@ import math
 from system15.config import METHODS, load_config
 from system15.recipes.ladder import run_ladder
 
-from conftest import DATA_ROOT, ROOT
+from tests.helpers import DATA_ROOT, ROOT
 
 
 def test_gsm8k_smoke_recipe_runs_the_whole_ladder(tmp_path):

@@ -16,7 +16,7 @@ import system15
 from system15.checkpoint import checkpoints, verify
 from system15.train.loop import NonFiniteLoss, fit
 
-from tiny_run import Slow, tiny_config, tiny_setup
+from tests.helpers.tiny_run import Slow, tiny_config, tiny_setup
 
 SRC = Path(system15.__file__).resolve().parent
 

@@ -7,7 +7,7 @@ from system15.layout import encode
 from system15.train import objective_for
 from system15.train.loop import to_device
 
-from conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 
 def _leaves(batch):

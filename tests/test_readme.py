@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from system15.config import load_config
-from system15.report import COMPACT, markdown_table, notes
+from system15.report import COMPACT, markdown_table, notes, with_budget
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -45,7 +45,7 @@ def test_readme_is_a_front_page_that_links_every_docs_page():
 
 def test_the_readmes_python_api_snippet_runs(tmp_path, monkeypatch, examples):
     """The snippet as printed, against a model folder where it says one is."""
-    from conftest import tiny_model
+    from tests.helpers import tiny_model
 
     model = tiny_model(examples, shortcuts=True)
     model.method, model.spec.K = "system15", 2
@@ -90,7 +90,7 @@ def test_page_numbers_come_from_the_results_files(page):
     for kind, columns in (("results", None), ("compact", COMPACT)):
         for path, table in re.findall(rf"<!-- {kind}: (\S+) -->\n(.*?)\n<!-- /{kind} -->", text, re.S):
             summary = json.loads((ROOT / path).read_text())
-            assert table.strip() == markdown_table(summary["rows"], columns).strip(), path
+            assert table.strip() == markdown_table(with_budget(summary), columns).strip(), path
             assert summary["command"] in text, f"the command that regenerates {path} is not on {page}"
     for path, body in re.findall(r"<!-- notes: (\S+) -->\n(.*?)\n<!-- /notes -->", text, re.S):
         assert body == "\n\n".join(notes(json.loads((ROOT / path).read_text()))), path

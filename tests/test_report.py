@@ -72,3 +72,21 @@ def test_the_stage1_average_is_reported_against_its_own_weights():
     table = markdown_table([{"method": "latent: x", "accuracy": 0.888, "accuracy_without_average": 0.868}])
     assert table.splitlines()[0] == "| method | accuracy | without the weight average |"
     assert table.splitlines()[2] == "| latent: x | 88.8% | 86.8% |"
+
+
+def test_sync_brings_every_summary_a_page_quotes_in_step(tmp_path, monkeypatch):
+    """A page quoting several summaries gets every block rewritten in one sync, not only the
+    first summary's."""
+    from system15.report import markdown_table, sync_pages, write_summary
+
+    monkeypatch.chdir(tmp_path)
+    page = tmp_path / "levers.md"
+    page.write_text("".join(f"<!-- results: results/{n}/summary.json -->\n| stale |\n<!-- /results -->\n" for n in ("a", "b")))
+    tables = {}
+    for name, accuracy in (("a", 0.5), ("b", 0.7)):
+        rows = [{"method": "cot", "accuracy": accuracy, "decoding_steps": 3.0}]
+        write_summary(f"results/{name}", {"task": "t", "backbone": "b", "device": "d", "command": "c", "rows": rows})
+        tables[name] = markdown_table(rows)
+    assert sync_pages("results", to=[page]) == [page]
+    assert "| stale |" not in page.read_text()
+    assert all(table in page.read_text() for table in tables.values())

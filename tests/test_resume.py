@@ -5,7 +5,6 @@ when its newest checkpoint is damaged and resume has to fall back to the one bef
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,8 @@ import torch
 from system15.checkpoint import verify
 from system15.train.loop import fit, global_batch
 
-from conftest import SCRIPTS
-from tiny_run import tiny_config, tiny_setup
+from tests.helpers import child_env
+from tests.helpers.tiny_run import tiny_config, tiny_setup
 
 STEPS, EVERY = 40, 10
 
@@ -58,8 +57,8 @@ def reference(tmp_path_factory):
 def killed(tmp_path_factory):
     """A run killed (SIGKILL) right after its step-20 checkpoint appeared, before step 40."""
     d = tmp_path_factory.mktemp("killed") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "tiny_run.py"), str(d), "--steps", str(STEPS),
+    env = child_env(OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.tiny_run", str(d), "--steps", str(STEPS),
                              "--eval-every", str(EVERY), "--sleep", "0.1"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target, deadline = d / "checkpoints" / "step-0000020", time.monotonic() + 120

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 from system15.cli import main
 from system15.engine import FULL, Route, generate

@@ -196,7 +196,13 @@ class BaselinesConfig:
     """The latent baselines the ladder compares with (train/baselines.py)."""
     pause_K: Size = _f(2, "pause tokens: number of pause embeddings")
     coconut_c: Count = _f(1, "Coconut: latent thoughts per replaced reasoning step")
-    coconut_stages: Count = _f(4, "Coconut: curriculum stages (steps replaced at the last stage)")
+    coconut_stages: Count = _f(4, "Coconut: curriculum stages (the official max_latent_stage): stage s replaces the first s "
+                                   "reasoning steps by s*coconut_c thoughts; a final stage then replaces every step by "
+                                   "coconut_stages*coconut_c thoughts (the official pad_latent_to_max)")
+    coconut_stage_steps: Size = _f(0, "Coconut: optimizer steps per curriculum stage (the official epochs_per_stage, in steps; "
+                                      "the final stage takes the rest); 0 = the run's steps in coconut_stages + 1 equal shares")
+    coconut_reset: Literal["stage", "none"] = _f("stage", "Coconut: stage (a fresh optimizer at every stage boundary, as the "
+                                                          "official reset_optimizer) | none (one optimizer throughout)")
 
 
 @section
@@ -258,6 +264,8 @@ class RunConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
     stages: dict[Method, TrainConfig] = _f({}, "each rung's training loop: {cot: {steps: ..}, latent: {..}, ...}")
+    configs_tried: dict[Method, Count] = _f({}, "per rung, how many training configurations were tried for it before and "
+                                                "in this recipe (its results rows record it; unset = not recorded)")
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto | cpu | cuda")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")

@@ -63,3 +63,11 @@ class FlopCounter:
 
     def projection(self) -> int:
         return 2 * self.projection_weights
+
+
+def training_flops_per_token(model) -> int:
+    """Model FLOPs of one trained token, the usual 6 N: forward (2) and backward (4) through the
+    matrix weights of every backbone layer and the LM head, attention over the sequence left
+    out. The numerator of the training loop's model-FLOPs utilisation (`train.loop`)."""
+    bb = model.backbone
+    return 6 * (sum(_matmul_params(layer) for layer in bb.layers) + bb.lm.get_output_embeddings().weight.numel())

@@ -39,6 +39,8 @@ COLUMNS = [
     ("best_valid_accuracy", "best validation accuracy", "{:.1%}"),
     ("train_steps", "training steps", "{}"),
     ("train_seconds", "training seconds", "{:.0f}"),
+    ("train_examples", "training examples (steps x batch)", "{:,}"),
+    ("configs_tried", "configurations tried", "{}"),
     ("probe_readout", "probe read-out after latent step k", "{:.0%}"),
     ("accuracy_by_shape", "accuracy by chain shape", "{:.0%}"),
     ("overrides", "overrides", "`{}`"),
@@ -47,13 +49,29 @@ COLUMNS = [
 
 # the front page's table: what each method costs and keeps, at a glance
 COMPACT = ("method", "accuracy", "decoding_steps", "flops_reduction_vs_latent", "speedup_vs_cot", "latency_vs_nocot",
-           "latency_vs_nocot_b8", "latency_vs_nocot_b64", "skip_frac_critical", "skip_frac_noncritical")
+           "latency_vs_nocot_b8", "latency_vs_nocot_b64", "skip_frac_critical", "skip_frac_noncritical",
+           "train_examples", "configs_tried")
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name(0)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def with_budget(summary: dict) -> list[dict]:
+    """The summary's rows, each with its training budget: `train_examples` (steps trained x batch
+    size), which a row written before rows carried it gets from its `train_steps` and the batch
+    size its recipe (the summary's config) gave that rung; ablation variants, whose settings
+    differ from the recipe's, are left as they are."""
+    stages = (summary.get("config") or {}).get("stages") or {}
+    rows = []
+    for row in summary["rows"]:
+        batch = (stages.get(row.get("method")) or {}).get("batch_size")
+        if "train_examples" not in row and row.get("train_steps") is not None and batch:
+            row = {**row, "train_examples": row["train_steps"] * batch}
+        rows.append(row)
+    return rows
 
 
 def markdown_table(rows: list[dict], keys: tuple[str, ...] | None = None) -> str:
@@ -191,7 +209,7 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     md = [f"# {out.name}", "", f"task: `{summary['task']}` · backbone: `{summary['backbone']}` · device: {summary['device']}",
-          "", markdown_table(summary["rows"]), "", f"Regenerate: `{summary['command']}`", ""]
+          "", markdown_table(with_budget(summary)), "", f"Regenerate: `{summary['command']}`", ""]
     md += [line for p in notes(summary) for line in (p, "")]
     write_text_atomic(out / "summary.md", "\n".join(md))
     return out / "summary.json"
@@ -199,7 +217,8 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
 
 def blocks(summary: dict) -> dict[str, str]:
     """What a page quoting `summary` shows in each kind of block (BLOCKS)."""
-    return {"results": markdown_table(summary["rows"]), "compact": markdown_table(summary["rows"], COMPACT),
+    rows = with_budget(summary)
+    return {"results": markdown_table(rows), "compact": markdown_table(rows, COMPACT),
             "notes": "\n\n".join(notes(summary))}
 
 
@@ -220,7 +239,7 @@ def sync_pages(results_root: str | Path = "results", to: list[str | Path] | None
     changed = []
     summaries = {path: blocks(json.loads(path.read_text())) for path in ladder_summaries(results_root)}
     for page in pages() if to is None else to:
-        if any(sync_page(page, path, kinds, write=write) for path, kinds in summaries.items()):
+        if any([sync_page(page, path, kinds, write=write) for path, kinds in summaries.items()]):  # a list: sync every one
             changed.append(Path(page))
     return changed
 

@@ -178,7 +178,7 @@ def train_rung(config: RunConfig, method: str, splits, runs_dir: Path, run_name:
         encoded = [encode(model.tokenizer, e) for e in splits["train"]]
         check_lengths(model, splits["train"], encoded)
         fit(model, objective, encoded, config.stage(method), run_dir, validate, accelerator=accelerator_for(config),
-            provenance=provenance(method, runs_dir), run_config=config.to_dict())
+            provenance=provenance(method, runs_dir), run_config=config.to_dict(), compile=config.compile)
     model = load_reasoning_model(run_dir / "best", config)
     return model.to(device_for(config))
 
@@ -268,10 +268,13 @@ def _best_score(run_dir: Path) -> float:
 
 
 def training_record(run_dir: Path) -> dict:
-    """A finished rung's own training (from its done.json), also when this run reused it,
+    """A finished rung's own training (from its done.json), also when this run reused it: its
+    steps, seconds and examples (steps actually trained x the batch size run.json records),
     and its validation curve: [step, accuracy] at every evaluation (from its log)."""
     done = json.loads((run_dir / "done.json").read_text())
     entries = log_entries(run_dir / LOG_FILE)
+    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    batch = record.get("train", {}).get("batch_size")
     return {"best_valid_accuracy": done.get("best_valid_accuracy"), "train_steps": done["steps"],
-            "train_seconds": done["seconds"],
+            "train_seconds": done["seconds"], "train_examples": done["steps"] * batch if batch else None,
             "valid_curve": [[e["step"], e["valid_accuracy"]] for e in entries if "valid_accuracy" in e]}

@@ -38,6 +38,8 @@ def run_ladder(config: RunConfig, *, runs_root: str | Path = "runs", results_roo
         rows, records = measure(config, models, splits, runs_dir)
         for r in rows:
             r.update(training_record(runs_dir / r["method"]))
+            if r["method"] in config.configs_tried:  # unset: not recorded, rather than a null in the table
+                r["configs_tried"] = config.configs_tried[r["method"]]
         by_method, explained = {r["method"]: r for r in rows}, None
         if "system15" in models and "cot" in by_method:
             explained = explain_latency(models["system15"], splits["test"][0], by_method["system15"], by_method["cot"])

@@ -5,6 +5,7 @@ table of methods by name lives in the package (`system15.train.objective_class`)
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ class Objective:
     def on_step(self, step: int, total: int) -> None:
         """Hook for curricula (Coconut)."""
 
+    def resets_optimizer(self, step: int, total: int) -> bool:
+        """Start a fresh optimizer (its state cleared) before `step`? (A curriculum: at a stage boundary.)"""
+        return False
+
     def selectable(self, step: int, total: int) -> bool:
         """May the model at `step` be kept as best? (A curriculum: only in its final stage.)"""
         return True
@@ -66,6 +71,27 @@ class Objective:
         raise NotImplementedError
 
 
+_ON_DEVICE = False  # inside the training loop: loss terms stay on the device (`metrics_on_device`)
+
+
+@contextmanager
+def metrics_on_device():
+    """While it lasts, `scalars` keeps loss terms as detached device tensors: the training loop
+    reads them on the host only at its checks, so a step forces no host sync (on a GPU, the
+    host queues steps ahead of the device; a compiled step stays one graph)."""
+    global _ON_DEVICE
+    before, _ON_DEVICE = _ON_DEVICE, True
+    try:
+        yield
+    finally:
+        _ON_DEVICE = before
+
+
+def scalars(**terms: torch.Tensor) -> dict:
+    """A loss's terms for the training log: floats, or detached tensors inside `metrics_on_device`."""
+    return {k: v.detach() if _ON_DEVICE else v.item() for k, v in terms.items()}
+
+
 def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over examples of each example's mean token NLL, so that a batch split across
     processes averages to the same value as the whole batch in one process."""
@@ -80,6 +106,16 @@ def layer_std(states: torch.Tensor) -> torch.Tensor:
     return states.detach().std().clamp(min=1e-6)
 
 
+def masked_std(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`layer_std` of the states [..., d] where `mask` [...] is set, without gathering them
+    (a boolean index has a data-dependent shape: a host sync, and a break in a compiled graph)."""
+    states, weight = states.detach(), mask[..., None].to(states.dtype)
+    n = weight.sum() * states.shape[-1]
+    mean = (states * weight).sum() / n
+    var = ((states - mean).pow(2) * weight).sum() / (n - 1).clamp(min=1)
+    return var.sqrt().clamp(min=1e-6)
+
+
 def sequence_forward(model, batch: dict, keep_layers: bool = False, cache: KVCache | None = None):
     """Teacher forcing over right-padded sequences (ids, visible, labels); writes `cache` when given."""
     bb = model.backbone
@@ -88,15 +124,16 @@ def sequence_forward(model, batch: dict, keep_layers: bool = False, cache: KVCac
     return example_nll(bb.head(final), batch["labels"]), final, states
 
 
-def prompt_prefix(cache: KVCache, final: torch.Tensor, prompt_len: torch.Tensor) -> tuple:
+def prompt_prefix(cache: KVCache, final: torch.Tensor, prompt_len: torch.Tensor, width: int | None = None) -> tuple:
     """A prompt prefill, taken from a pass over right-padded `prompt + chain` (its `cache`
     and final states): the prompt tokens sit at the same positions and see only each other,
     so their keys, values and last state are exactly what the prompt alone would give.
     Returns what `engine.prefill` returns, less the per-layer states, which only shortcuts
     read: (cache, h_L of the last prompt token, None per layer, next position ids). Stage 1's
     student starts here instead of running the prompt again; the gradients of both losses
-    meet in the one shared pass, as they would in two."""
-    width = int(prompt_len.max())
+    meet in the one shared pass, as they would in two. `width`: the longest prompt, where the
+    caller knows it (else read off `prompt_len`: a host sync on a GPU)."""
+    width = int(prompt_len.max()) if width is None else width
     visible = torch.arange(width, device=prompt_len.device)[None] < prompt_len[:, None]
     rows = torch.arange(len(prompt_len), device=prompt_len.device)
     return (cache.prefix(width, visible), final[rows, prompt_len - 1], [None] * len(cache.keys),
@@ -108,7 +145,7 @@ def prompt_pass(model, batch: dict) -> tuple:
     bb = model.backbone
     cache = KVCache.empty(bb.num_layers)
     final, _ = bb.forward_full(bb.embed(batch["ids"]), positions_from_mask(batch["visible"]), batch["visible"], cache)
-    return prompt_prefix(cache, final, batch["visible"].sum(1))
+    return prompt_prefix(cache, final, batch["visible"].sum(1), width=batch["ids"].shape[1])  # padded to the longest
 
 
 def join_prefixes(first: tuple, second: tuple) -> tuple:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layout import cot_target, prompt, sequence_batch
-from .objective import Objective, sequence_forward
+from .objective import Objective, scalars, sequence_forward
 
 
 class CoTSFT(Objective):
@@ -24,7 +24,7 @@ class CoTSFT(Objective):
 
     def loss(self, model, batch):
         nll, _, _ = sequence_forward(model, batch)
-        return nll, {"nll": nll.item()}
+        return nll, scalars(nll=nll)
 
 
 class NoCoTSFT(CoTSFT):

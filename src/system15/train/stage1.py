@@ -39,7 +39,7 @@ from ..backbone import KVCache
 from ..engine import prefill
 from ..layout import (IGNORE, Encoded, cot_target, pad, prompt, segment_ends, segment_live, segment_results,
                       sequence_batch)
-from .objective import (Objective, example_nll, join_prefixes, layer_std, prompt_pass, prompt_prefix, sequence_forward,
+from .objective import (Objective, example_nll, join_prefixes, layer_std, prompt_pass, prompt_prefix, scalars, sequence_forward,
                         teacher_force, thought_batch, thought_forward, thoughts_after_prompt)
 
 
@@ -111,7 +111,8 @@ class LatentDistillation(Objective):
         teacher_before = torch.tensor([len(e.question) + 1 + len(e.chain) + 1 + e.marker - 1 for e in taught])
         student_before = torch.tensor([len(self._remaining(e)) + e.marker for e in taught])
         prompt_len = torch.tensor([len(pair[0]) for pair in teacher_pairs])
-        batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "prompt_len": prompt_len, "student": student,
+        batch = {"teacher": {"ids": ids, "visible": visible, "labels": labels}, "prompt_len": prompt_len,
+                 "prompt_width": int(prompt_len.max()), "student": student,
                  "segment_pos": seg, "teacher_before": teacher_before, "student_before": student_before,
                  "K": self.active}
         if len(taught) < len(examples):  # the other rows' prompts, right-padded, for the student's prefix
@@ -152,7 +153,7 @@ class LatentDistillation(Objective):
         teacher_cache = KVCache.empty(model.num_layers)
         t_nll, t_final, t_states = sequence_forward(model, batch["teacher"], keep_layers=self.rule != "segment",
                                                     cache=teacher_cache)
-        start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"])  # the student skips its own prefill
+        start = prompt_prefix(teacher_cache, t_final, batch["prompt_len"], batch.get("prompt_width"))  # the student skips its own prefill
         if "prompts" in batch:  # rows without a teacher: their prompts alone
             with torch.set_grad_enabled(self.prompt_grad == "all"):
                 rest = prompt_pass(model, batch["prompts"])
@@ -170,11 +171,11 @@ class LatentDistillation(Objective):
         else:
             align = segment_alignment(t_final, [res.hidden for res in student.thoughts], batch["segment_pos"])
         loss = t_nll + student.nll + self.alpha * align
-        metrics = {"teacher_nll": t_nll.item(), "student_nll": student.nll.item(), "align": align.item()}
+        metrics = scalars(teacher_nll=t_nll, student_nll=student.nll, align=align)
         if self.probe:
             probe = probe_nll(model, student.forks, batch["probes"], student.logits)
             loss = loss + self.probe * probe
-            metrics["probe_nll"] = probe.item()
+            metrics.update(scalars(probe_nll=probe))
         return loss, metrics
 
 
@@ -257,7 +258,15 @@ def segment_alignment(teacher: torch.Tensor, thoughts: list[torch.Tensor], segme
                       normalise: str | None = None) -> torch.Tensor:
     """Mean squared error between latent step k's state (thoughts[k], [B, d]) and the teacher's
     state ([B, T, d], one layer) at the end of segment k, over the (example, step) pairs whose
-    segment is not empty; `normalise` ("std" or "dim") scales the differences as `_mse` says."""
+    segment is not empty; `normalise` ("std" or "dim") scales the differences as `_mse` says.
+    Rows past the teacher's (`stage1.teacher_rows`) have no segment to align to."""
+    if normalise is None:  # a masked mean: no data-dependent shape, so no host sync in the step
+        pos = segment_pos[: len(teacher), : len(thoughts)]
+        rows = torch.arange(len(pos), device=pos.device)[:, None]
+        target = teacher[rows, pos.clamp(min=0)].detach()  # [taught, K, d]; empty segments masked below
+        err = (torch.stack(thoughts, 1)[: len(teacher)] - target).pow(2).mean(-1)
+        aligned = pos >= 0
+        return (err * aligned).sum() / aligned.sum().clamp(min=1)
     rows, cols = (segment_pos[:, : len(thoughts)] >= 0).nonzero(as_tuple=True)
     if not len(rows):
         return teacher.new_zeros(())

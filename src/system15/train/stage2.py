@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..engine import Route, decode_step, prefill
 from ..layout import answer_critical, thought_critical
 from ..shortcuts import compute_cost_weights
-from .objective import Objective, example_nll, layer_std, teacher_force, thought_batch
+from .objective import Objective, example_nll, masked_std, scalars, teacher_force, thought_batch
 
 SOFT = Route(mode="soft")
 
@@ -82,7 +82,7 @@ class ShortcutDistillation(Objective):
         cost = ((e * (1 - weights)).sum(-1) * step_valid).sum(1).mean()
         loss = mse + self.sc.beta * nll + self.sc.mu * cost
         w_mean = (weights.mean(-1) * step_valid).sum() / step_valid.sum()
-        return loss, {"mse": mse.item(), "nll": nll.item(), "cost": cost.item(), "w": w_mean.item()}
+        return loss, scalars(mse=mse, nll=nll, cost=cost, w=w_mean)
 
 
 def layer_mse(mix_layers, full_layers, step_valid: torch.Tensor, scale: str) -> torch.Tensor:
@@ -93,7 +93,7 @@ def layer_mse(mix_layers, full_layers, step_valid: torch.Tensor, scale: str) -> 
     for mix, full in zip(mix_layers, full_layers):
         diff = mix - full
         if scale == "std":
-            diff = diff / layer_std(full[step_valid])
+            diff = diff / masked_std(full, step_valid)
         out.append(diff.pow(2).mean(-1))
     return torch.stack(out, -1)
 

@@ -8,7 +8,7 @@ from system15.engine import Route, decode_step, prefill
 from system15.layout import encode
 from system15.train.stage2 import SOFT, ShortcutDistillation, run_steps
 
-from conftest import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 
 def stepwise(model, start, batch, K, route):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from system15.data import SyntheticTask, answers_match, load_task, split_of, synthetic_splits
+from system15.data import SyntheticTask, answers_match, split_of, synthetic_splits
 
 _DEFINITION = re.compile(r"([a-z]+)=(\d+|[a-z0-9]+[-+*][a-z0-9]+)")
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -135,12 +135,3 @@ def test_splits_are_disjoint_sized_and_stable():
 def test_too_small_task_is_reported():
     with pytest.raises(ValueError, match="too few distinct questions"):
         synthetic_splits(SyntheticTask(n_steps=1, max_operand=1, max_result=1, ops="+"), 10, 10, 10, seed=0)
-
-
-def test_load_task_synthetic():
-    task = SyntheticTask(n_steps=3)
-    test = load_task("synthetic", "test", synthetic=task, seed=4)
-    assert len(test) == 500 and all(len(e.steps) == 3 for e in test)
-    train = load_task("synthetic", "train", synthetic=task, seed=4, n=1000)
-    assert len(train) == 1000 and not {e.question for e in test} & {e.question for e in train}
-    assert load_task("synthetic", "valid", n=10) == load_task("synthetic", "valid")[:10]

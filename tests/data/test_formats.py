@@ -1,4 +1,5 @@
-"""Parsing, malformed input, round trips and robustness of the file readers."""
+"""The file formats (data/formats.py): parsing, malformed input, round trips and robustness
+of the readers, and every line of the shared data files."""
 
 import json
 import warnings
@@ -20,6 +21,8 @@ from system15.data import (
     write_aug_lines,
 )
 from system15.data.records import ANSWER_MARKER
+from tests.helpers import DATA_ROOT as DATA
+from tests.helpers import needs_shared_data
 
 MULT_LINE = (
     "5 6 3 2 * 7 4 3 4||5 5 5 6 1 + 0 0 6 4 9 0 ( 5 5 1 1 1 1 ) + 0 0 5 9 0 7 0 ( 5 5 6 0 2 8 0 )"
@@ -303,3 +306,50 @@ def test_a_step_holding_the_answer_marker_is_refused_not_written():
     example = Example("q", (Step("<<=####>>", "", False),), "0", "ex:1")
     with pytest.raises(DataError, match="ex:1.*'####'"):
         format_aug_line(example)
+
+
+# -- the shared data files ------------------------------------------------------------------
+
+EXPECTED_LINES = {
+    "gsm8k/train.jsonl": 7473,
+    "gsm8k/test.jsonl": 1319,
+    "gsm8k_aug/valid.txt": 500,
+    "gsm8k_aug/test.txt": 1319,
+    "mult/4x4/valid.txt": 1000,
+    "mult/4x4/test.txt": 1000,
+    "mult/5x5/valid.txt": 1000,
+    "mult/5x5/test.txt": 1000,
+}
+
+
+def _file_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").split("\n") if line.strip())
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name, count", EXPECTED_LINES.items())
+def test_every_line_parses_with_labels(name, count):
+    path = DATA / name
+    examples = read_examples(path)
+    assert len(examples) == count == _file_lines(path)  # no line dropped
+    assert all(example.answer for example in examples)
+    steps = [step for example in examples for step in example.steps]
+    assert any(step.critical for step in steps) and any(not step.critical for step in steps)
+    assert all(not example.steps[0].critical for example in examples if example.steps)
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["gsm8k_aug/valid.txt", "gsm8k_aug/test.txt"])
+def test_aug_lines_round_trip_exactly(tmp_path, name):
+    path = DATA / name
+    write_aug_lines(read_examples(path), tmp_path / "copy.txt")
+    assert (tmp_path / "copy.txt").read_bytes() == path.read_bytes()
+
+
+@needs_shared_data
+def test_gsm8k_notes_agree_with_aug_chains():
+    """The aug files are GSM8K with only the notes kept; our reading of both must agree."""
+    original = {" ".join(e.question.split()): e for e in read_examples(DATA / "gsm8k/test.jsonl")}
+    for aug in read_examples(DATA / "gsm8k_aug/test.txt"):
+        gsm8k = original[" ".join(aug.question.split())]
+        assert (gsm8k.steps, gsm8k.answer) == (aug.steps, aug.answer)

@@ -13,7 +13,7 @@ from system15.model import load_reasoning_model
 from system15.train.average import WeightAverage
 from system15.train.loop import fit
 
-from tiny_run import tiny_config, tiny_setup
+from tests.helpers.tiny_run import tiny_config, tiny_setup
 
 
 def net():

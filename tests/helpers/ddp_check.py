@@ -1,4 +1,4 @@
-"""Run under `accelerate launch` by tests/test_distributed.py; every process runs this file.
+"""Run under `accelerate launch` by tests/test_distributed.py; every process runs this module.
 
 1. Trains the tiny model through the unchanged `fit` (batches split over the processes),
    validating with a sharded evaluation of 7 examples (uneven over 2 processes).
@@ -6,7 +6,7 @@
 3. A run whose loss is NaN on the last process only: every process must stop (no hang).
 Results go to OUT/shards.json (main process) and OUT/nan-rank<R>.txt (each process).
 
-    accelerate launch --multi_gpu --num_processes 2 ... tests/scripts/ddp_check.py OUT --steps 20
+    accelerate launch --multi_gpu --num_processes 2 ... -m tests.helpers.ddp_check OUT --steps 20
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import Slow, tiny_config, tiny_setup  # noqa: E402
-
-from system15.distributed import gather, shard_map  # noqa: E402
-from system15.evaluate import accuracy, evaluate  # noqa: E402
-from system15.train.loop import NonFiniteLoss, fit  # noqa: E402
+from system15.distributed import gather, shard_map
+from system15.evaluate import accuracy, evaluate
+from system15.train.loop import NonFiniteLoss, fit
+from tests.helpers.tiny_run import Slow, tiny_config, tiny_setup
 
 
 class NaNOnLastRank(Slow):

@@ -1,48 +1,14 @@
-"""Stage 1: the latent step feeds P(h_L) back, teacher and student share weights, alignment."""
+"""Stage 1 (train/stage1.py): teacher and student share weights, the alignment rules, the
+probes, a teacher on part of the batch, and the levers of the latent distillation."""
 
 import pytest
 import torch
 
 from system15.config import ALIGN_RULES
-from system15.engine import generate
-from system15.layout import IGNORE, encode, pad, prompt, sequence_batch
+from system15.layout import IGNORE, encode, sequence_batch
 from system15.train.objective import thought_forward
 from system15.train.stage1 import LatentDistillation, codi_alignment, probe_nll, probe_readout, segment_alignment
-
-from conftest import tiny_config, tiny_model
-
-
-def encoded(model, examples):
-    return [encode(model.tokenizer, e) for e in examples]
-
-
-def test_changing_P_changes_the_latent_path_but_not_answer_only(examples):
-    model = tiny_model(examples)
-    batch = LatentDistillation(tiny_config()).collate(model, encoded(model, examples[:4]))["student"]
-    with torch.no_grad():
-        before = thought_forward(model, batch, K=2).nll
-        nocot_before = thought_forward(model, batch, K=0).nll
-        model.projection.net[2].weight.normal_()
-        model.projection.net[2].bias.normal_()
-        after = thought_forward(model, batch, K=2).nll
-        nocot_after = thought_forward(model, batch, K=0).nll
-    assert not torch.equal(before, after)
-    assert torch.equal(nocot_before, nocot_after)
-
-
-def test_latent_step_input_is_P_of_the_previous_last_hidden_state(examples):
-    model = tiny_model(examples)
-    seen = []
-    model.projection.register_forward_hook(lambda mod, args, out: seen.append((args[0].clone(), out.clone())))
-    prompts = [prompt(model.tokenizer, e) for e in encoded(model, examples[:2])]
-    generate(model, prompts, K=3, max_new_tokens=2)
-    assert len(seen) == 3  # one P call per latent step
-    from system15.engine import prefill
-
-    ids, visible = pad(prompts, model.tokenizer.pad_id, left=True)
-    with torch.no_grad():
-        _, last, _, _ = prefill(model, ids, visible)
-    assert torch.allclose(seen[0][0], last)  # step 1 reads P(h_L at <bot>)
+from tests.helpers import encoded, tiny_config, tiny_model
 
 
 def test_teacher_and_student_share_parameters(examples):
@@ -112,28 +78,6 @@ def test_per_dimension_scale_weighs_the_dimensions_that_tell_examples_apart():
     assert dim[1] > 20 * dim[0]
     sd = teacher[:, 0].std(0)
     assert dim[0] == pytest.approx(1 / sd[0] ** 2 / 4) and dim[1] == pytest.approx(1 / sd[1] ** 2 / 4)
-
-
-def test_K_zero_is_answer_only_decoding(examples, family):
-    """generate(K=0) equals greedy decoding of `question <bot> <eot>` by full recomputation."""
-    from system15.backbone import positions_from_mask
-
-    model = tiny_model(examples, family)
-    tok = model.tokenizer
-    for e in encoded(model, examples[:3]):
-        gen = generate(model, [prompt(tok, e)], K=0, max_new_tokens=6)[0]
-        seq = prompt(tok, e) + [tok.eot_id]
-        ref = []
-        with torch.no_grad():
-            for _ in range(len(gen.tokens)):
-                ids = torch.tensor([seq])
-                vis = torch.ones_like(ids, dtype=torch.bool)
-                final, _ = model.backbone.forward_full(model.backbone.embed(ids), positions_from_mask(vis), vis)
-                nxt = int(model.backbone.head(final[0, -1]).argmax())
-                ref.append(nxt)
-                seq.append(nxt)
-        assert gen.tokens == ref
-        assert gen.thought_steps == 0 and gen.decoding_steps == len(gen.tokens)
 
 
 def test_warm_start_replaces_segments_one_at_a_time(examples):
@@ -351,21 +295,6 @@ def test_teacher_rows_must_be_a_share():
             load_config(None, [f"stage1.teacher_rows={bad}"])
     with pytest.raises(ConfigError, match="experimental.prompt_grad"):
         load_config(None, ["experimental.prompt_grad=none"])
-
-
-def test_stacked_caches_keep_each_rows_keys_and_hide_the_padding():
-    from system15.backbone import KVCache
-
-    short, long = KVCache.empty(1), KVCache.empty(1)
-    short.append_kv(0, torch.ones(1, 2, 3, 4), 2 * torch.ones(1, 2, 3, 4))
-    short.append_positions(torch.tensor([[False, True, True]]))
-    long.append_kv(0, torch.full((2, 2, 5, 4), 3.0), torch.full((2, 2, 5, 4), 4.0))
-    long.append_positions(torch.ones(2, 5, dtype=torch.bool), [torch.tensor([[False] * 4 + [True]] * 2)])
-    both = KVCache.stack_rows([short, long])
-    assert both.keys[0].shape == (3, 2, 5, 4) and both.length == 5
-    assert both.keys[0][0, :, :3].eq(1).all() and both.keys[0][0, :, 3:].eq(0).all() and both.values[0][1:].eq(4).all()
-    assert both.visible.tolist() == [[False, True, True, False, False]] + [[True] * 5] * 2
-    assert both.visible_to(0).tolist() == [[False, True, True, False, False]] + [[True] * 4 + [False]] * 2
 
 
 def test_teacher_inputs_start_later_steps_from_the_teachers_segment_end(examples):

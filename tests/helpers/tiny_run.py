@@ -1,8 +1,10 @@
 """A tiny, fast training run through the real `fit` path, for the resume / distributed /
-hygiene tests. Importable (tiny_setup) and runnable as a script, also under
-`accelerate launch` (every process runs this file; `fit` shards the batches).
+hygiene tests. Importable (tiny_setup) and runnable as a program, also under
+`accelerate launch` (every process runs it; `fit` shards the batches):
 
-    python tests/scripts/tiny_run.py RUN_DIR [--steps 40 --batch 8 --eval-every 10 --sleep 0]
+    python -m tests.helpers.tiny_run RUN_DIR [--steps 40 --batch 8 --eval-every 10 --sleep 0]
+
+(from the project root, or with it on PYTHONPATH: `tests.helpers.child_env()`).
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from system15.config import ConfigError, TrainConfig
 from system15.train.loop import fit
 from system15.train.optim import MuonAdamW, build_optimizer, fused_blocks, hidden_matrices, orthogonalise
 
-from conftest import tiny_config, tiny_model
-from tiny_run import tiny_config as tiny_run_config
-from tiny_run import tiny_setup
+from tests.helpers import tiny_config, tiny_model
+from tests.helpers.tiny_run import tiny_config as tiny_run_config
+from tests.helpers.tiny_run import tiny_setup
 
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (24, 24)])

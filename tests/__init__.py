@@ -1,0 +1,1 @@
+"""The test suite, laid out as the package it tests (tests/README.md)."""

@@ -1,0 +1,1 @@
+"""Tests of system15.data, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of system15.recipes, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of system15.train, one file per module."""
