@@ -31,7 +31,7 @@ MAX_EPOCHS = 8  # never more passes over the training set, however fast the card
 SLACK_SECONDS, SLACK_SHARE = 10.0, 0.05
 # Decoding steps budgeted per batch. A batch runs until its slowest row stops: CoT's until
 # max_new_tokens, a latent rung's (K thoughts, a short answer) LATENT_DECODE_STEPS. A single
-# question stops at its own end: CoT's after its chain (41.8 steps on average on 2026-11-24,
+# question stops at its own end: CoT's after its chain (about 42 steps on average in
 # results/gsm8k_smollm2), a latent rung's after a few.
 LATENT_DECODE_STEPS = 40
 SINGLE_DECODE_STEPS = {"cot": 64, "latent": 16}
