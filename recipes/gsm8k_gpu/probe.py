@@ -15,7 +15,6 @@ compiled-to-eager ratio and its compiling cost (less certain: a cache hit makes 
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from system15.model import build_model
 from system15.runtime import accelerator_for, autocast, device_for, synchronize
 from system15.speed import Start, decode
 from system15.train import objective_for
-from system15.train.loop import batch_tokens, step_forward, to_device
+from system15.train.loop import batch_tokens, step_forward, train_step
 from system15.train.objective import metrics_on_device
 from system15.train.optim import build_optimizer
 
@@ -119,11 +118,7 @@ def time_rung(model, method: str, config, encoded, device, warm: int, timed: int
                 taken[0] += batch
                 cpu = objective.collate(model, examples)
                 tokens += batch_tokens(cpu)
-                loss, _ = forward(objective, to_device(cpu, device))
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                train_step(forward, objective, cpu, accelerator, opt, params, cfg.grad_clip)
         synchronize(device)
         return time.perf_counter() - t, tokens
 

@@ -214,6 +214,18 @@ def step_forward(wrapped, compile: bool):
     return torch.compile(wrapped, backend=COMPILE_BACKEND, dynamic=True)
 
 
+def train_step(forward, objective: Objective, batch: dict, accelerator, opt, params, grad_clip: float):
+    """One optimizer step on `batch` (collated, on the host): forward and loss, backward, the
+    gradient clipped (its norm measured either way), the update. Returns the loss, the metrics
+    and the norm, on the device. The loop and recipes/gsm8k_gpu/probe.py both step through it."""
+    loss, metrics = forward(objective, to_device(batch, accelerator.device))
+    accelerator.backward(loss)
+    norm = accelerator.clip_grad_norm_(params, grad_clip or math.inf)  # inf: measure only
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, metrics, norm
+
+
 def fit(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, run_dir: str | Path,
         validate: Callable[[object], float] | None = None, accelerator=None, quiet: bool = False,
         provenance: dict | None = None, run_config: dict | None = None, compile: bool = False) -> dict:
@@ -388,14 +400,10 @@ def _train(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, 
             examples = [train[i] for i in idx[rank * share:(rank + 1) * share]]
             batch = objective.collate(model, examples)
             window["tokens"] += batch_tokens(batch) * world  # every process's share is about as long
-            loss, metrics = forward(objective, to_device(batch, accelerator.device))
+            loss, metrics, norm = train_step(forward, objective, batch, accelerator, opt, params, cfg.grad_clip)
             values, keys, other = global_mean(accelerator, loss, metrics)
-            accelerator.backward(loss)
-            norm = accelerator.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # inf: measure only
             norm = torch.as_tensor(norm, dtype=torch.float64, device=values.device).reshape(1)
             taken.append((step, rate, torch.cat([values[:1], norm, values[1:]]), keys, other))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             if average is not None:
                 average.update()
             step += 1
