@@ -19,7 +19,9 @@ from system15.model import build_model
 from system15.speed import (
     FRACTIONS,
     PATTERNS,
+    Config,
     Start,
+    _paired,
     decode,
     efficiency,
     hf_generate,
@@ -75,6 +77,16 @@ def test_the_summary_has_every_row_and_key(summary):
     assert set(result["hf_generate_ratio"]) == {"1", "2"}
     assert all(v > 0 for v in result["hf_generate_ratio"].values())
     assert result["settings"]["steps"] == 3 and result["settings"]["batch_sizes"] == [1, 2]
+
+
+def test_a_row_keeps_the_round_whose_paired_ratio_is_the_median():
+    # round 2 ran in a slow spell (both calls slow), round 3 in a fast one for the pattern only:
+    # each side's least time (0.5 and 1.0) would pair rounds 3 and 1 into a speedup of 2.0
+    c = Config("x", None, None, times=[1.0, 3.0, 0.5], full_times=[1.5, 4.8, 1.2])
+    assert _paired(c) == (3.0, 4.8)  # ratios 1.5, 1.6, 2.4: the median is round 2's
+    c = Config("x", None, None, times=[1.0, 3.0, 0.5, 2.0], full_times=[1.5, 4.8, 1.2, 2.2])
+    assert _paired(c) == (1.0, 1.5)  # an even count keeps the lower median (1.5 of 1.1, 1.5, 1.6, 2.4)
+    assert _paired(Config("y", None, None, times=[2.0], full_times=[1.0])) == (2.0, 1.0)
 
 
 def test_ideal_speedup_is_the_flop_ratio_and_grows_with_the_skip_fraction(summary):

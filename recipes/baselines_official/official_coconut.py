@@ -286,10 +286,24 @@ def ours(args) -> dict | None:
     """Our Coconut's row from a ladder's summary (results/<name>/summary.json), if given."""
     if not args.ours:
         return None
+    if not Path(args.ours).exists():  # the ladder may still be running: `set-ours` adds it later
+        print(f"{args.ours}: not there yet; add our row later with `set-ours`", file=sys.stderr)
+        return None
     summary = json.loads(Path(args.ours).read_text())
     row = next((r for r in summary["rows"] if r["method"] == "coconut"), None)
     return None if row is None else {"summary": args.ours, "test_accuracy": row["accuracy"],
                                      "train_examples": row.get("train_examples"), "test_examples": summary.get("test_examples")}
+
+
+def set_ours(args) -> None:
+    """Put our Coconut's row beside an official result.json written before the ladder finished."""
+    path = Path(args.result)
+    result = json.loads(path.read_text())
+    result["ours"] = ours(args)
+    if result["ours"] is None:
+        raise SystemExit(f"{args.ours}: no coconut row")
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({"official_test_accuracy": result["official_test_accuracy"], "ours": result["ours"]}, indent=1))
 
 
 def main(argv=None) -> None:
@@ -315,6 +329,10 @@ def main(argv=None) -> None:
                    help="final: the best validation epoch of the final stage (ours); any: of every epoch")
     r.add_argument("--ours", default="", help="a ladder's summary.json whose coconut row to set beside it")
     r.set_defaults(func=run)
+    w = sub.add_parser("set-ours", help="add our Coconut's row to a result.json written without it")
+    w.add_argument("--result", required=True)
+    w.add_argument("--ours", required=True, help="a ladder's summary.json")
+    w.set_defaults(func=set_ours)
     o = sub.add_parser("_official", help=argparse.SUPPRESS)
     o.add_argument("--coconut", required=True)
     o.add_argument("--args-file", required=True)

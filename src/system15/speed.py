@@ -14,8 +14,9 @@ does the same work but for the layers it skips:
 - Hugging Face `generate` on the same model and tokens (greedy, use_cache=True).
 
 Each configuration is timed interleaved with the full path, call by call (pattern, full;
-full, pattern the next round), for several rounds; each keeps its best (least) time, and the
-row's full-path time is the best of the full-path calls paired with it. Rows report the
+full, pattern the next round), for several rounds. A row's speedup is the median over the
+rounds of full / pattern within a round (each pair saw the same spell of machine speed), and
+its latencies are that round's; the best (least) times are kept beside them. Rows report the
 speedup, the speedup the FLOPs of the whole step predict (`ideal_speedup`: flops.FlopCounter's
 count plus the LM head; `ideal_speedup_layers` leaves the head out) and the efficiency, the share of the
 predicted time saving that the clock shows. Writes results/<name>/summary.json, summary.md
@@ -52,7 +53,7 @@ DEFAULT_STEPS = 32
 # A fixed prompt (its tokens are the same for every run): the question of a word problem.
 DEFAULT_PROMPT = ("A farmer has 12 cows and buys 7 more. Each cow gives 9 litres of milk a day, and the farmer "
                   "sells each litre for 2 dollars. How many dollars does the farmer make in a week?")
-KEEP = "best"  # per configuration: the least time over the rounds (docs/speed.md says why)
+KEEP = "paired median"  # per configuration: the round whose full/pattern ratio is the median (docs/speed.md)
 _REPO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "speed.yaml"
 
 
@@ -233,8 +234,14 @@ def _measure(configs: list[Config], rounds: int, desc: str, quiet: bool) -> None
         bar.close()
 
 
-def _kept(times: list[float]) -> float:
-    return min(times) if KEEP == "best" else statistics.median(times)
+def _paired(c: Config) -> tuple[float, float]:
+    """(pattern, full) seconds of the round whose ratio full / pattern is the median of the
+    rounds' (the lower median for an even count): a pair is timed back to back, so a slow or
+    fast spell of the machine moves both of its calls, where the least of each side's times may
+    come from different spells."""
+    ratios = [f / t for t, f in zip(c.times, c.full_times)]
+    pick = ratios.index(statistics.median_low(ratios))
+    return c.times[pick], c.full_times[pick]
 
 
 # -- the benchmark ------------------------------------------------------------------------
@@ -411,8 +418,9 @@ def _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patt
         _measure(configs, rounds, f"speed b={batch}", quiet)
         by_key = {c.key: c for c in configs}
         h = by_key["hf"]
-        hf[batch] = {"ratio": _kept(h.full_times) / _kept(h.times), "full_step_ms": 1000 * _kept(h.full_times),
-                     "hf_step_ms": 1000 * _kept(h.times)}
+        hf_time, full_time = _paired(h)
+        hf[batch] = {"ratio": full_time / hf_time, "full_step_ms": 1000 * full_time, "hf_step_ms": 1000 * hf_time,
+                     "ratio_of_best": min(h.full_times) / min(h.times)}
         full_flops = step_flops(counter, [[[True] * layers] * batch] * steps, prompt_len, False, fill)
         for pattern in patterns:
             for f in fractions:
@@ -444,7 +452,7 @@ def _key(pattern: str, fraction: float, layers: int) -> str:
 
 
 def _row(backbone, batch, pattern, fraction, skipped, c: Config, full_flops, flops, head, steps) -> dict:
-    latency, full = _kept(c.times), _kept(c.full_times)
+    latency, full = _paired(c)
     speedup, layers_only = full / latency, full_flops / flops
     ideal = (full_flops + head) / (flops + head)  # the whole step: the clock times the LM head too
     return {
@@ -453,7 +461,8 @@ def _row(backbone, batch, pattern, fraction, skipped, c: Config, full_flops, flo
         "ideal_speedup": ideal, "efficiency": efficiency(speedup, ideal),
         "layers_skipped": skipped, "ideal_speedup_layers": layers_only,
         "efficiency_layers": efficiency(speedup, layers_only),
-        "latency_median_ms": 1000 * statistics.median(c.times), "full_latency_median_ms": 1000 * statistics.median(c.full_times),
+        "latency_best_ms": 1000 * min(c.times), "full_latency_best_ms": 1000 * min(c.full_times),
+        "speedup_of_best": min(c.full_times) / min(c.times),
         "measurement": f"b{batch}/{c.key}", "rounds": len(c.times), "steps": steps,
     }
 
