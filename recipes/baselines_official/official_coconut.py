@@ -256,13 +256,14 @@ def run(args) -> None:
         done = subprocess.run(command, capture_output=True, text=True)
         seconds = time.perf_counter() - began
         logs[phase] = done.stdout
+        logs[f"{phase}_progress"] = done.stderr  # its tqdm bars: "batch i/n completed"
         (work / f"official_{phase}.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
         if done.returncode:
             raise SystemExit(f"official run.py ({phase}) failed; see {work / f'official_{phase}.log'}:\n"
                              + done.stderr[-3000:])
         logs[f"{phase}_seconds"] = seconds
     test = re.findall(r"Accuracy on validation set: (\d+) / (\d+) = ([0-9.]+)", logs["test"])[-1]
-    steps = re.findall(r"batch (\d+)/(\d+) completed", logs["train"])
+    steps = re.findall(r"batch (\d+)/(\d+) completed", logs["train_progress"])
     result = {
         "official_repo": "facebookresearch/coconut", "official_commit": commit,
         "command": " ".join(sys.argv), "prepared": prepared,
