@@ -274,7 +274,7 @@ def run(args) -> None:
         "official_test_accuracy": float(test[2]), "test_examples": int(test[1]),
         "train_seconds": round(logs["train_seconds"], 1), "test_seconds": round(logs["test_seconds"], 1),
         "optimizer_steps_per_epoch": int(steps[-1][1]) if steps else None,
-        "ours": ours(args),
+        "ours": ours_if_there(args),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,24 +283,29 @@ def run(args) -> None:
                                              "test_examples", "train_seconds", "ours")}, indent=1))
 
 
-def ours(args) -> dict | None:
-    """Our Coconut's row from a ladder's summary (results/<name>/summary.json), if given."""
+def ours(summary_path: str) -> dict | None:
+    """Our Coconut's row from a ladder's summary (results/<name>/summary.json), None without one."""
+    summary = json.loads(Path(summary_path).read_text())
+    row = next((r for r in summary["rows"] if r["method"] == "coconut"), None)
+    return None if row is None else {"summary": summary_path, "test_accuracy": row["accuracy"],
+                                     "train_examples": row.get("train_examples"), "test_examples": summary.get("test_examples")}
+
+
+def ours_if_there(args) -> dict | None:
+    """`run`'s --ours row; a summary not written yet (the ladder still running) is added later by `set-ours`."""
     if not args.ours:
         return None
-    if not Path(args.ours).exists():  # the ladder may still be running: `set-ours` adds it later
+    if not Path(args.ours).exists():
         print(f"{args.ours}: not there yet; add our row later with `set-ours`", file=sys.stderr)
         return None
-    summary = json.loads(Path(args.ours).read_text())
-    row = next((r for r in summary["rows"] if r["method"] == "coconut"), None)
-    return None if row is None else {"summary": args.ours, "test_accuracy": row["accuracy"],
-                                     "train_examples": row.get("train_examples"), "test_examples": summary.get("test_examples")}
+    return ours(args.ours)
 
 
 def set_ours(args) -> None:
     """Put our Coconut's row beside an official result.json written before the ladder finished."""
     path = Path(args.result)
     result = json.loads(path.read_text())
-    result["ours"] = ours(args)
+    result["ours"] = ours(args.ours)
     if result["ours"] is None:
         raise SystemExit(f"{args.ours}: no coconut row")
     path.write_text(json.dumps(result, indent=1))

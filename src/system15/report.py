@@ -53,9 +53,12 @@ COMPACT = ("method", "accuracy", "decoding_steps", "flops_reduction_vs_latent", 
            "train_examples", "configs_tried")
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name(0)}"
+def device_name(device: torch.device | None = None) -> str:
+    """The device a results file names: `device`, or the first GPU when there is one, else the CPU."""
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 

@@ -29,7 +29,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from .config import ConfigError, RunConfig
 from .engine import FULL, Route, decode_step, prefill
 from .evaluate import time_in_turn
 from .flops import FlopCounter
+from .report import device_name
 from .runtime import synchronize
 
 PATTERNS = ("deep", "shallow", "mixed")
@@ -322,7 +322,7 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
     layers = model.num_layers
     summary = {
         "backbone": name,
-        "device": _device_name(device),
+        "device": device_name(device),
         "command": command,
         "rows": rows,
         "hf_generate_ratio": {str(b): v["ratio"] for b, v in hf.items()},
@@ -356,12 +356,6 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def _per_step(model, start: Start, feed: torch.Tensor, route: Route = FULL, folded=None) -> float:

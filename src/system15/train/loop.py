@@ -372,9 +372,10 @@ def _train(model, objective: Objective, train: list[Encoded], cfg: TrainConfig, 
             entries.append({"step": step + 1, "loss": loss, "lr": rate, "grad_norm": norm, **dict(zip(keys, values)), **other})
         state["tokens"] += window["tokens"]
         state["train_seconds"] += seconds
-        entries[-1]["tokens_per_second"] = window["tokens"] / max(seconds, 1e-9)
+        rates = throughput(window["tokens"], max(seconds, 1e-9), flops_per_token, peak)
+        entries[-1]["tokens_per_second"] = rates["tokens_per_second"]
         if peak is not None:
-            entries[-1]["mfu"] = entries[-1]["tokens_per_second"] * flops_per_token / peak
+            entries[-1]["mfu"] = rates["mfu"]
         for entry in entries:
             log(entry)
         bar.set_postfix(loss=f"{entries[-1]['loss']:.3f}")
