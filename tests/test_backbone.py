@@ -7,14 +7,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from system15.backbone import Backbone, KVCache, positions_from_mask
 
 
-def hf_model(family):
+def hf_model(family, **llama):
     torch.manual_seed(0)
     if family == "gpt2":
         return GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=61, n_positions=64,
                                           bos_token_id=None, eos_token_id=None)).eval()
     return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                         num_key_value_heads=2, vocab_size=61, bos_token_id=None, eos_token_id=None,
-                                        pad_token_id=None)).eval()
+                                        pad_token_id=None, **llama)).eval()
 
 
 def padded_batch():
@@ -73,6 +73,25 @@ def test_layer_kv_matches_the_keys_the_layer_writes(family):
     _, k, v = bb.run_layer(0, h, ctx, cache)
     k_fill, v_fill = bb.layer_kv(0, h, ctx)
     assert torch.allclose(k, k_fill, atol=1e-6) and torch.allclose(v, v_fill, atol=1e-6)
+
+
+def test_llama_fill_keeps_the_projection_biases_through_the_rotation():
+    """Decoding's fill computes rotate_half(k) by a rearranged copy of the K projection; its
+    bias must be rearranged the same way (Llama-family models with attention_bias)."""
+    bb = Backbone(hf_model("llama", attention_bias=True))
+    with torch.no_grad():
+        for block in bb.layers:
+            for proj in (block.self_attn.k_proj, block.self_attn.v_proj):
+                proj.bias.normal_()
+        ids, visible, pos = padded_batch()
+        cache = KVCache.empty(bb.num_layers)
+        h = bb.layer_input(bb.embed(ids), pos)
+        ctx = bb.context(h, pos, cache, new_visible=visible)
+        for layer in range(bb.num_layers):
+            _, k, v = bb.run_layer(layer, h, ctx, cache)
+            k_fill, v_fill = bb.layer_kv(layer, h, ctx)
+            torch.testing.assert_close(k_fill, k, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_fill, v, atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_model_is_refused():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from system15.speed import (
     PATTERNS,
     Config,
     Start,
+    _in_turn,
     _paired,
     decode,
     efficiency,
@@ -82,11 +84,44 @@ def test_the_summary_has_every_row_and_key(summary):
 def test_a_row_keeps_the_round_whose_paired_ratio_is_the_median():
     # round 2 ran in a slow spell (both calls slow), round 3 in a fast one for the pattern only:
     # each side's least time (0.5 and 1.0) would pair rounds 3 and 1 into a speedup of 2.0
-    c = Config("x", None, None, times=[1.0, 3.0, 0.5], full_times=[1.5, 4.8, 1.2])
+    c = Config("x", None, times=[1.0, 3.0, 0.5], full_times=[1.5, 4.8, 1.2])
     assert _paired(c) == (3.0, 4.8)  # ratios 1.5, 1.6, 2.4: the median is round 2's
-    c = Config("x", None, None, times=[1.0, 3.0, 0.5, 2.0], full_times=[1.5, 4.8, 1.2, 2.2])
+    c = Config("x", None, times=[1.0, 3.0, 0.5, 2.0], full_times=[1.5, 4.8, 1.2, 2.2])
     assert _paired(c) == (1.0, 1.5)  # an even count keeps the lower median (1.5 of 1.1, 1.5, 1.6, 2.4)
-    assert _paired(Config("y", None, None, times=[2.0], full_times=[1.0])) == (2.0, 1.0)
+    assert _paired(Config("y", None, times=[2.0], full_times=[1.0])) == (2.0, 1.0)
+
+
+def test_a_round_times_the_two_runs_a_step_of_each_in_turn():
+    log = []
+
+    def stepper(name, seconds):
+        return lambda: (lambda: log.append(name) or seconds)
+
+    assert _in_turn(stepper("run", 1.0), stepper("full", 3.0), 4, full_first=False) == (1.0, 3.0)
+    assert log == ["run", "full", "full", "run", "run", "full", "full", "run"]
+    log.clear()
+    _in_turn(stepper("run", 1.0), stepper("full", 3.0), 2, full_first=True)
+    assert log == ["full", "run", "run", "full"]
+
+
+def test_hf_generate_runs_our_steps_between_its_own_and_leaves_them_out_of_its_time(examples, family):
+    """Our step runs inside HF's loop, after each of its first `steps` logits; HF's step time
+    must not include it (here a sleep far longer than a tiny model's step), nor may its tokens change."""
+    model = tiny_model(examples, family, shortcuts=True)
+    ids = prompt(model.tokenizer, encode(model.tokenizer, examples[0]))
+    calls = []
+
+    def ours():
+        calls.append(len(calls))
+        time.sleep(0.2)
+        return 0.2
+
+    with torch.inference_mode():
+        start = Start.of(model, ids, 2)
+        alone, _, _ = hf_generate(model, start, 3)
+        beside, call, steps_time = hf_generate(model, start, 3, between=ours)
+    assert beside.equal(alone) and calls == [0, 1, 2]
+    assert 0 < steps_time < 0.2 and 0 < call < 0.2 * 3
 
 
 def test_ideal_speedup_is_the_flop_ratio_and_grows_with_the_skip_fraction(summary):

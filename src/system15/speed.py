@@ -13,10 +13,11 @@ does the same work but for the layers it skips:
 - a trained System-1.5 model's own routing (`--model DIR`), against that model's full path;
 - Hugging Face `generate` on the same model and tokens (greedy, use_cache=True).
 
-Each configuration is timed interleaved with the full path, call by call (pattern, full;
-full, pattern the next round), for several rounds. A row's speedup is the median over the
-rounds of full / pattern within a round (each pair saw the same spell of machine speed), and
-its latencies are that round's; the best (least) times are kept beside them. Rows report the
+Each configuration is timed in turn with the full path, a decoding step of each at a time
+(HF `generate` with ours run inside its loop, between two of its steps), for several rounds.
+A row's speedup is the median over the rounds of full / pattern within a round (the two runs
+saw the same spells of machine speed), and its latencies are that round's; the best (least)
+times are kept beside them. Rows report the
 speedup, the speedup the FLOPs of the whole step predict (`ideal_speedup`: flops.FlopCounter's
 count plus the LM head; `ideal_speedup_layers` leaves the head out) and the efficiency, the share of the
 predicted time saving that the clock shows. Writes results/<name>/summary.json, summary.md
@@ -26,13 +27,14 @@ and speedup.png (docs/speed.md).
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -54,6 +56,7 @@ DEFAULT_STEPS = 32
 DEFAULT_PROMPT = ("A farmer has 12 cows and buys 7 more. Each cow gives 9 litres of milk a day, and the farmer "
                   "sells each litre for 2 dollars. How many dollars does the farmer make in a week?")
 KEEP = "paired median"  # per configuration: the round whose full/pattern ratio is the median (docs/speed.md)
+PAIRING = "step"  # a round times a configuration and its full path a decoding step of each in turn
 _REPO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "speed.yaml"
 
 
@@ -151,40 +154,64 @@ class Start:
         return cls(ids, visible, *prefill(model, ids, visible))
 
 
+class Stepper:
+    """One decoding run after `start`, a step at a time: each call runs the next step, feeding
+    token feed[:, t] at step t (the step, the head and the greedy choice read on the host, as
+    engine.generate reads it for <eos>), and returns its seconds. `record`, when given, gets
+    (ran, greedy tokens) per step. The run decodes into a fork of the start's cache."""
+
+    def __init__(self, model, start: Start, feed: torch.Tensor, route: Route = FULL, folded=None,
+                 record: list | None = None):
+        self.model, self.feed, self.route, self.folded, self.record = model, feed, route, folded, record
+        self.cache, self.prev, self.positions, self.t = start.cache.fork(), start.prev, start.positions, 0
+
+    def __call__(self) -> float:
+        bb = self.model.backbone
+        synchronize()
+        began = time.perf_counter()
+        res = decode_step(self.model, bb.embed(self.feed[:, self.t]), self.positions, self.cache, self.prev,
+                          self.route, self.folded)
+        self.prev, self.positions = res.layers, self.positions + 1
+        chosen = bb.head(res.hidden).argmax(-1).tolist()
+        synchronize()
+        seconds = time.perf_counter() - began
+        if self.record is not None:
+            self.record.append((res.ran, chosen))
+        self.t += 1
+        return seconds
+
+
 def decode(model, start: Start, feed: torch.Tensor, route: Route = FULL, folded=None,
            record: list | None = None) -> float:
-    """Seconds for feed.shape[1] decoding steps after `start`, feeding token feed[:, t] at step t:
-    the step, the head and the greedy choice read on the host (as engine.generate reads it for
-    <eos>). `record`, when given, gets (ran, greedy tokens) per step."""
-    bb = model.backbone
-    cache, prev, positions = start.cache.fork(), start.prev, start.positions
-    synchronize()
-    began = time.perf_counter()
-    for t in range(feed.shape[1]):
-        res = decode_step(model, bb.embed(feed[:, t]), positions, cache, prev, route, folded)
-        prev, positions = res.layers, positions + 1
-        chosen = bb.head(res.hidden).argmax(-1).tolist()
-        if record is not None:
-            record.append((res.ran, chosen))
-    synchronize()
-    return time.perf_counter() - began
+    """Seconds for feed.shape[1] decoding steps after `start` (`Stepper`)."""
+    step = Stepper(model, start, feed, route, folded, record)
+    return sum(step() for _ in range(feed.shape[1]))
 
 
-def hf_generate(model, start: Start, steps: int) -> tuple[torch.Tensor, float, float]:
+def hf_generate(model, start: Start, steps: int, between: Callable[[], float] | None = None
+                ) -> tuple[torch.Tensor, float, float]:
     """Hugging Face `generate` on the backbone, greedy with its own KV cache, for the prefill
     and `steps` single-position passes (steps + 1 new tokens, <eos> suppressed so every run has
     the same length). Returns (new tokens [B, steps + 1], seconds for the whole call, seconds
-    from the prefill's logits to the last step's: its `steps` decoding steps, timed by a
-    logits processor that only reads the clock)."""
+    of its `steps` decoding steps: from the prefill's logits to the last step's, timed by a
+    logits processor that reads the clock). `between`, when given, runs after each of the
+    first `steps` logits (one of our steps between two of HF's) and its time is left out of
+    HF's."""
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
     class Stamps(LogitsProcessor):
         def __init__(self):
-            self.times: list[float] = []
+            self.times: list[tuple[float, float]] = []  # per call: when it was entered, when HF resumed
+            self.away = 0.0
 
         def __call__(self, input_ids, scores):
             synchronize()
-            self.times.append(time.perf_counter())
+            entered = resumed = time.perf_counter()
+            if between is not None and len(self.times) < steps:
+                self.away += between()
+                synchronize()
+                resumed = time.perf_counter()
+            self.times.append((entered, resumed))
             return scores
 
     tok, stamps = model.tokenizer, Stamps()
@@ -195,25 +222,55 @@ def hf_generate(model, start: Start, steps: int) -> tuple[torch.Tensor, float, f
     out = model.backbone.lm.generate(input_ids=start.ids, attention_mask=start.visible.long(), generation_config=gen,
                                      logits_processor=LogitsProcessorList([stamps]))
     synchronize()
-    total = time.perf_counter() - began
-    return out[:, start.ids.shape[1]:], total, stamps.times[-1] - stamps.times[0]
+    total = time.perf_counter() - began - stamps.away
+    times = stamps.times
+    return out[:, start.ids.shape[1]:], total, sum(b[0] - a[1] for a, b in itertools.pairwise(times))
 
 
 @dataclass
 class Config:
-    """One timed configuration of a batch size: `run` and its paired full path `full`, each
-    returning seconds per decoding step."""
+    """One timed configuration of a batch size. `round(full_first)` times one run of it and one
+    of its paired full path, step by step in turn, and returns each one's seconds per step."""
 
     key: str
-    run: Callable[[], float]
-    full: Callable[[], float]
-    times: list
-    full_times: list
+    round: Callable[[bool], tuple[float, float]]
+    times: list = field(default_factory=list)
+    full_times: list = field(default_factory=list)
+
+
+def _in_turn(run: Callable[[], Stepper], full: Callable[[], Stepper], steps: int, full_first: bool) -> tuple[float, float]:
+    """A run and a full-path run, one step of each in turn (which goes first alternates by
+    step): a spell of machine speed, which on a shared CPU lasts longer than a step, falls on
+    both. Seconds per step of each."""
+    a, b = run(), full()
+    ta = tb = 0.0
+    for t in range(steps):
+        if (t + full_first) % 2:
+            tb += b()
+            ta += a()
+        else:
+            ta += a()
+            tb += b()
+    return ta / steps, tb / steps
+
+
+def _hf_in_turn(model, start: Start, full: Callable[[], Stepper], steps: int, full_first: bool) -> tuple[float, float]:
+    """HF generate and our full path, one step of each in turn: ours runs inside HF's loop,
+    between two of its steps. Seconds per step of each."""
+    ours = full()
+    seconds = [0.0]
+
+    def between():
+        seconds[0] += (took := ours())
+        return took
+
+    hf = hf_generate(model, start, steps, between)[2]
+    return hf / steps, seconds[0] / steps
 
 
 def _measure(configs: list[Config], rounds: int, desc: str, quiet: bool) -> None:
-    """Every configuration, `rounds` times, each call beside its full-path call (the order
-    alternates by round); the times are appended to each Config."""
+    """Every configuration, `rounds` times, in turn with its full path step by step (the full
+    path first in odd rounds); the seconds per step are appended to each Config."""
     bar = tqdm(total=rounds * len(configs), desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
     enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise; one runs between rounds
@@ -221,12 +278,9 @@ def _measure(configs: list[Config], rounds: int, desc: str, quiet: bool) -> None
         for r in range(rounds):
             gc.collect()
             for c in configs:
-                if r % 2 == 0:
-                    c.times.append(c.run())
-                    c.full_times.append(c.full())
-                else:
-                    c.full_times.append(c.full())
-                    c.times.append(c.run())
+                t, f = c.round(r % 2 == 1)
+                c.times.append(t)
+                c.full_times.append(f)
                 bar.update()
     finally:
         if enabled:
@@ -236,8 +290,8 @@ def _measure(configs: list[Config], rounds: int, desc: str, quiet: bool) -> None
 
 def _paired(c: Config) -> tuple[float, float]:
     """(pattern, full) seconds of the round whose ratio full / pattern is the median of the
-    rounds' (the lower median for an even count): a pair is timed back to back, so a slow or
-    fast spell of the machine moves both of its calls, where the least of each side's times may
+    rounds' (the lower median for an even count): a round's two runs are timed in turn, so a
+    slow or fast spell of the machine moves both, where the least of each side's times may
     come from different spells."""
     ratios = [f / t for t, f in zip(c.times, c.full_times)]
     pick = ratios.index(statistics.median_low(ratios))
@@ -332,7 +386,7 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
         "profile": parts,
         "settings": {
             "layers": layers, "width": model.backbone.hidden_size, "batch_sizes": batch_sizes, "steps": steps,
-            "rounds": rounds, "keep": KEEP, "skip_fractions": list(fractions), "patterns": list(patterns),
+            "rounds": rounds, "keep": KEEP, "pairing": PAIRING, "skip_fractions": list(fractions), "patterns": list(patterns),
             "skipped_layers": {str(f): skipped_count(f, layers) for f in fractions}, "seed": seed,
             "kv_policy": config.architecture.kv_policy, "adapter_dim": config.architecture.adapter_dim,
             "router_hidden": config.architecture.router_hidden, "precision": precision_for(config),
@@ -358,14 +412,6 @@ def _load_average() -> float | None:
         return None
 
 
-def _per_step(model, start: Start, feed: torch.Tensor, route: Route = FULL, folded=None) -> float:
-    return decode(model, start, feed, route, folded) / feed.shape[1]
-
-
-def _hf_per_step(model, start: Start, steps: int) -> float:
-    return hf_generate(model, start, steps)[2] / steps
-
-
 def _reference(model, prompt: str, batch: int, steps: int) -> tuple[Start, torch.Tensor, torch.Tensor]:
     """The prefilled start of a batch size, HF generate's greedy tokens (steps + 1) and the
     `steps` tokens every run is fed; the HF call is also its warm-up."""
@@ -388,14 +434,14 @@ def _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patt
         seen: list = []
         decode(model, start, feed, FULL, record=seen)  # warm-up, and our greedy choices against HF's
         checks[str(batch)] = sum(c == tokens[:, t + 1].tolist() for t, (_, c) in enumerate(seen)) / steps
-        full = partial(_per_step, model, start, feed)
-        configs = [Config("hf", partial(_hf_per_step, model, start, steps), full, [], [])]
+        full = partial(Stepper, model, start, feed)
+        configs = [Config("hf", partial(_hf_in_turn, model, start, full, steps))]
         masks = {}  # one measurement per distinct mask: skip 0 and skip 1 are the same for every pattern
         for pattern in patterns:
             for f in fractions:
                 masks.setdefault(_key(pattern, f, layers), skip_mask(pattern, f, batch, layers, seed))
         routes = {key: Route("hard", 0.5, kv_policy, skip=mask) for key, mask in masks.items()}
-        configs += [Config(key, partial(_per_step, model, start, feed, route, folded), full, [], [])
+        configs += [Config(key, partial(_in_turn, partial(Stepper, model, start, feed, route, folded), full, steps))
                     for key, route in routes.items()]
         # warm-up of the hard route; a mixed one also makes the engine measure, once per batch size,
         # whether rows that disagree are gathered or all run (engine._gathers), before any timing
@@ -407,8 +453,8 @@ def _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patt
             lstart, _, lfeed = _reference(lmodel, prompt, batch, steps)
             lfolded = lmodel.shortcuts.folded(lmodel.backbone)
             decode(lmodel, lstart, lfeed, lroute, lfolded, record=record)  # warm-up, and what the routers chose
-            configs.append(Config("learned", partial(_per_step, lmodel, lstart, lfeed, lroute, lfolded),
-                                  partial(_per_step, lmodel, lstart, lfeed), [], []))
+            configs.append(Config("learned", partial(_in_turn, partial(Stepper, lmodel, lstart, lfeed, lroute, lfolded),
+                                                     partial(Stepper, lmodel, lstart, lfeed), steps)))
         _measure(configs, rounds, f"speed b={batch}", quiet)
         by_key = {c.key: c for c in configs}
         h = by_key["hf"]
@@ -659,8 +705,8 @@ def markdown_summary(summary: dict) -> str:
     s = summary["settings"]
     md = [f"# speed: {summary['backbone']}", "",
           (f"device: {summary['device']} · {s['layers']} layers, width {s['width']} · {s['steps']} decoding steps after a "
-           f"{s['prompt_tokens']}-token prompt · {s['rounds']} rounds, each configuration interleaved with the full path, "
-           f"the {s['keep']} round kept · kv_policy {s['kv_policy']} · {s['seconds']:.0f} s"), "",
+           f"{s['prompt_tokens']}-token prompt · {s['rounds']} rounds, each configuration timed in turn with the full path, "
+           f"a step of each at a time, the {s['keep']} round kept · kv_policy {s['kv_policy']} · {s['seconds']:.0f} s"), "",
           markdown_rows(summary["rows"]), "",
           ("Rows of skip 0 (no layer skipped, the routers run) and skip 1 (every layer skipped) are one measurement "
            "shared by the three patterns (`measurement` in summary.json)."), "",
