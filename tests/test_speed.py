@@ -24,6 +24,7 @@ from system15.speed import (
     Start,
     _in_turn,
     _paired,
+    _quartiles,
     decode,
     efficiency,
     hf_generate,
@@ -78,6 +79,10 @@ def test_the_summary_has_every_row_and_key(summary):
         assert r["layers_skipped"] == skipped_count(r["skip_fraction"], LAYERS)
     assert set(result["hf_generate_ratio"]) == {"1", "2"}
     assert all(v > 0 for v in result["hf_generate_ratio"].values())
+    assert set(result["full_vs_full"]) == {"1", "2"} and all(v["ratio"] > 0 for v in result["full_vs_full"].values())
+    for r in rows:
+        low, high = r["speedup_quartiles"]
+        assert low <= high
     assert result["settings"]["steps"] == 3 and result["settings"]["batch_sizes"] == [1, 2]
 
 
@@ -89,6 +94,8 @@ def test_a_row_keeps_the_round_whose_paired_ratio_is_the_median():
     c = Config("x", None, times=[1.0, 3.0, 0.5, 2.0], full_times=[1.5, 4.8, 1.2, 2.2])
     assert _paired(c) == (1.0, 1.5)  # an even count keeps the lower median (1.5 of 1.1, 1.5, 1.6, 2.4)
     assert _paired(Config("y", None, times=[2.0], full_times=[1.0])) == (2.0, 1.0)
+    # the spread around it: quartiles of the ratios 1.1, 1.5, 1.6, 2.4
+    assert _quartiles(c) == pytest.approx([1.4, 1.8])
 
 
 def test_a_round_times_the_two_runs_a_step_of_each_in_turn():

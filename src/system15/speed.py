@@ -298,6 +298,16 @@ def _paired(c: Config) -> tuple[float, float]:
     return c.times[pick], c.full_times[pick]
 
 
+def _quartiles(c: Config) -> list[float]:
+    """The first and third quartiles of the rounds' ratios full / pattern: how far one round
+    strays from the median the row reports."""
+    ratios = [f / t for t, f in zip(c.times, c.full_times)]
+    if len(ratios) < 2:
+        return ratios * 2
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, q3]
+
+
 # -- the benchmark ------------------------------------------------------------------------
 
 def backbone_name(config: RunConfig) -> str:
@@ -369,7 +379,7 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
     name = backbone_name(config)
     load_before = _load_average()
     with torch.inference_mode(), autocast(config):
-        rows, hf, checks = _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patterns,
+        rows, hf, checks, twice = _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patterns,
                                       prompt, seed, config.architecture.kv_policy, quiet)
         parts = profile_step(model, prompt, steps, config.architecture.kv_policy,
                              batch=next((b for b in batch_sizes if b > 1), 8)) if profile else None
@@ -382,6 +392,7 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
         "hf_generate_ratio": {str(b): v["ratio"] for b, v in hf.items()},
         "hf_generate": {str(b): v for b, v in hf.items()},
         "full_path_agrees_with_hf": checks,
+        "full_vs_full": {str(b): v for b, v in twice.items()},
         "targets": targets(rows, hf),
         "profile": parts,
         "settings": {
@@ -428,14 +439,15 @@ def _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patt
     prompt_len = len(model.tokenizer.encode(prompt))
     if not prompt_len:
         raise ConfigError("the prompt encodes to no tokens")
-    rows, hf, checks = [], {}, {}
+    rows, hf, checks, twice = [], {}, {}, {}
     for batch in batch_sizes:
         start, tokens, feed = _reference(model, prompt, batch, steps)
         seen: list = []
         decode(model, start, feed, FULL, record=seen)  # warm-up, and our greedy choices against HF's
         checks[str(batch)] = sum(c == tokens[:, t + 1].tolist() for t, (_, c) in enumerate(seen)) / steps
         full = partial(Stepper, model, start, feed)
-        configs = [Config("hf", partial(_hf_in_turn, model, start, full, steps))]
+        configs = [Config("hf", partial(_hf_in_turn, model, start, full, steps)),
+                   Config("full", partial(_in_turn, full, full, steps))]  # A/A: the estimator's own bias
         masks = {}  # one measurement per distinct mask: skip 0 and skip 1 are the same for every pattern
         for pattern in patterns:
             for f in fractions:
@@ -460,7 +472,10 @@ def _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patt
         h = by_key["hf"]
         hf_time, full_time = _paired(h)
         hf[batch] = {"ratio": full_time / hf_time, "full_step_ms": 1000 * full_time, "hf_step_ms": 1000 * hf_time,
-                     "ratio_of_best": min(h.full_times) / min(h.times)}
+                     "ratio_of_best": min(h.full_times) / min(h.times),
+                     "ratio_quartiles": _quartiles(h)}  # of ours / HF, as the ratio
+        once, again = _paired(by_key["full"])
+        twice[batch] = {"ratio": again / once, "quartiles": _quartiles(by_key["full"])}
         full_flops = step_flops(counter, [[[True] * layers] * batch] * steps, prompt_len, False, fill)
         for pattern in patterns:
             for f in fractions:
@@ -471,7 +486,7 @@ def _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patt
                                  head, steps))
         if learned is not None:
             rows.append(_learned_row(learned, record, prompt, batch, steps, by_key["learned"]))
-    return rows, hf, checks
+    return rows, hf, checks, twice
 
 
 def _learned_row(learned, record: list, prompt: str, batch: int, steps: int, config: Config) -> dict:
@@ -502,7 +517,7 @@ def _row(backbone, batch, pattern, fraction, skipped, c: Config, full_flops, flo
         "layers_skipped": skipped, "ideal_speedup_layers": layers_only,
         "efficiency_layers": efficiency(speedup, layers_only),
         "latency_best_ms": 1000 * min(c.times), "full_latency_best_ms": 1000 * min(c.full_times),
-        "speedup_of_best": min(c.full_times) / min(c.times),
+        "speedup_of_best": min(c.full_times) / min(c.times), "speedup_quartiles": _quartiles(c),
         "measurement": f"b{batch}/{c.key}", "rounds": len(c.times), "steps": steps,
     }
 
@@ -715,6 +730,12 @@ def markdown_summary(summary: dict) -> str:
     for b, v in summary["hf_generate"].items():
         md.append(f"| {b} | {v['full_step_ms']:.2f} | {v['hf_step_ms']:.2f} | {v['ratio']:.3f} | "
                   f"{summary['full_path_agrees_with_hf'][b]:.0%} |")
+    if summary.get("full_vs_full"):
+        md += ["", ("The full path timed against itself, the same way (what the estimator reads where nothing "
+                    "differs: its bias, and the spread of one round):"), "",
+               "| batch | full / full, paired median | quartiles of a round |", "|---|---|---|"]
+        md += [f"| {b} | {v['ratio']:.3f} | {v['quartiles'][0]:.3f}-{v['quartiles'][1]:.3f} |"
+               for b, v in summary["full_vs_full"].items()]
     md += ["", "| target | figure | bar | met |", "|---|---|---|---|"]
     md += [f"| {t['target']} | {t['figure']:.3f} | {t['bar']} | {'yes' if t['met'] else 'no'} |" for t in summary["targets"]]
     if summary.get("profile"):
