@@ -17,11 +17,11 @@ Each configuration is timed in turn with the full path, a decoding step of each 
 (HF `generate` with ours run inside its loop, between two of its steps), for several rounds.
 A row's speedup is the median over the rounds of full / pattern within a round (the two runs
 saw the same spells of machine speed), and its latencies are that round's; the best (least)
-times are kept beside them. Rows report the
-speedup, the speedup the FLOPs of the whole step predict (`ideal_speedup`: flops.FlopCounter's
-count plus the LM head; `ideal_speedup_layers` leaves the head out) and the efficiency, the share of the
-predicted time saving that the clock shows. Writes results/<name>/summary.json, summary.md
-and speedup.png (docs/speed.md).
+times are kept beside them. Rows report the speedup, the speedup the FLOPs of the whole step
+predict (`ideal_speedup`: flops.FlopCounter's count plus the LM head; `ideal_speedup_layers`
+leaves the head out) and the efficiency, the share of the predicted time saving that the clock
+shows. The full path is also timed against itself the same way (an A/A check of the estimator).
+Writes results/<name>/summary.json, summary.md and speedup.png (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def _in_turn(run: Callable[[], Stepper], full: Callable[[], Stepper], steps: int
 
 def _hf_in_turn(model, start: Start, full: Callable[[], Stepper], steps: int, full_first: bool) -> tuple[float, float]:
     """HF generate and our full path, one step of each in turn: ours runs inside HF's loop,
-    between two of its steps. Seconds per step of each."""
+    between two of its steps (after each, whatever `full_first`: HF's loop sets the order).
+    Seconds per step of each."""
     ours = full()
     seconds = [0.0]
 
@@ -380,7 +381,7 @@ def run_speed(config: RunConfig, *, model=None, model_dir=None, batch_sizes: lis
     load_before = _load_average()
     with torch.inference_mode(), autocast(config):
         rows, hf, checks, twice = _benchmark(model, name, learned, batch_sizes, steps, rounds, fractions, patterns,
-                                      prompt, seed, config.architecture.kv_policy, quiet)
+                                             prompt, seed, config.architecture.kv_policy, quiet)
         parts = profile_step(model, prompt, steps, config.architecture.kv_policy,
                              batch=next((b for b in batch_sizes if b > 1), 8)) if profile else None
     layers = model.num_layers
