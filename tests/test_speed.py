@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -111,24 +110,35 @@ def test_a_round_times_the_two_runs_a_step_of_each_in_turn():
     assert log == ["full", "run", "run", "full"]
 
 
-def test_hf_generate_runs_our_steps_between_its_own_and_leaves_them_out_of_its_time(examples, family):
-    """Our step runs inside HF's loop, after each of its first `steps` logits; HF's step time
-    must not include it (here a sleep far longer than a tiny model's step), nor may its tokens change."""
-    model = tiny_model(examples, family, shortcuts=True)
-    ids = prompt(model.tokenizer, encode(model.tokenizer, examples[0]))
-    calls = []
+def test_hf_generate_runs_our_steps_between_its_own_and_leaves_them_out_of_its_time(examples, family, monkeypatch):
+    """Our step runs inside HF's loop, after each of its first `steps` logits; HF's time must
+    not include it, nor may its tokens change. A fake clock ticks once a reading, and our
+    "step" moves it on by 1000: HF's three steps read 1 tick each, 1003 each had ours stayed in."""
+    import system15.speed as speed
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1
+            return self.now
+
+    clock, calls = Clock(), []
 
     def ours():
         calls.append(len(calls))
-        time.sleep(0.2)
-        return 0.2
+        clock.now += 1000
+        return 1000.0
 
+    model = tiny_model(examples, family, shortcuts=True)
+    ids = prompt(model.tokenizer, encode(model.tokenizer, examples[0]))
     with torch.inference_mode():
         start = Start.of(model, ids, 2)
         alone, _, _ = hf_generate(model, start, 3)
+        monkeypatch.setattr(speed, "time", clock)
         beside, call, steps_time = hf_generate(model, start, 3, between=ours)
     assert beside.equal(alone) and calls == [0, 1, 2]
-    assert 0 < steps_time < 0.2 and 0 < call < 0.2 * 3
+    assert steps_time == 3 and 0 < call < 1000
 
 
 def test_ideal_speedup_is_the_flop_ratio_and_grows_with_the_skip_fraction(summary):
