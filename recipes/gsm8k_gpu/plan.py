@@ -99,7 +99,9 @@ def measuring_seconds(costs: Costs, work: Work, methods) -> float:
     test = sum(decode_seconds(costs, work, m, work.n_test, work.eval_batch) for m in methods)
     timing = work.timing_rounds * sum(decode_seconds(costs, work, m, max(work.timing_examples, b), b)
                                       for m in methods for b in work.timing_batch_sizes)
-    hf = 2 * (2 * work.hf_rounds + 2) * work.hf_steps * decode_step(costs, 1)  # ours and HF's, rounds and warm-ups
+    # speed.run_speed at batch 1: three configurations a round (HF against ours, ours against itself,
+    # skip 0 against ours), two runs each, and three warm-ups; HF's step costs as ours does
+    hf = (3 * 2 * work.hf_rounds + 3) * work.hf_steps * decode_step(costs, 1)
     return test + timing + hf
 
 
