@@ -237,6 +237,11 @@ class Config:
     times: list = field(default_factory=list)
     full_times: list = field(default_factory=list)
 
+    @property
+    def ratios(self) -> list[float]:
+        """full / pattern of each round."""
+        return [f / t for t, f in zip(self.times, self.full_times)]
+
 
 def _in_turn(run: Callable[[], Stepper], full: Callable[[], Stepper], steps: int, full_first: bool) -> tuple[float, float]:
     """A run and a full-path run, one step of each in turn (which goes first alternates by
@@ -294,7 +299,7 @@ def _paired(c: Config) -> tuple[float, float]:
     rounds' (the lower median for an even count): a round's two runs are timed in turn, so a
     slow or fast spell of the machine moves both, where the least of each side's times may
     come from different spells."""
-    ratios = [f / t for t, f in zip(c.times, c.full_times)]
+    ratios = c.ratios
     pick = ratios.index(statistics.median_low(ratios))
     return c.times[pick], c.full_times[pick]
 
@@ -302,7 +307,7 @@ def _paired(c: Config) -> tuple[float, float]:
 def _quartiles(c: Config) -> list[float]:
     """The first and third quartiles of the rounds' ratios full / pattern: how far one round
     strays from the median the row reports."""
-    ratios = [f / t for t, f in zip(c.times, c.full_times)]
+    ratios = c.ratios
     if len(ratios) < 2:
         return ratios * 2
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
