@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from system15.config import load_config
@@ -33,8 +31,13 @@ from system15.engine import FULL, Route
 from system15.model import build_model
 from system15.speed import (
     DEFAULT_PROMPT,
+    Config,
     Stepper,
     _in_turn,
+    _measure,
+    _median_us,
+    _paired,
+    _quartiles,
     _reference,
     decode,
     skip_mask,
@@ -42,6 +45,7 @@ from system15.speed import (
 
 RECIPE = "configs/speed.yaml"
 STEPS = 8
+REPEATS = 3000  # timed calls of each small operation (speed._median_us: the calls in turn)
 
 
 def _model(overrides=()):
@@ -52,18 +56,6 @@ def _model(overrides=()):
 
 def _skip0(model, batch):
     return Route("hard", 0.5, "fill", skip=skip_mask("deep", 0.0, batch, model.num_layers))
-
-
-def _per_call_us(call, repeats=2000) -> float:
-    for _ in range(100):
-        call()
-    times = []
-    for _ in range(9):
-        began = time.perf_counter()
-        for _ in range(repeats):
-            call()
-        times.append((time.perf_counter() - began) / repeats * 1e6)
-    return statistics.median(times)
 
 
 def probe_profile(batch: int = 8, repeats: int = 3) -> dict:
@@ -111,7 +103,7 @@ def _product_us(fold, matrices, x) -> dict:
         turn[0] = (turn[0] + 1) % len(matrices)
         return torch.addmm(fold.read_bias, x, matrices[turn[0]])
 
-    return {"warm_us": _per_call_us(lambda: torch.addmm(fold.read_bias, x, fold.read)), "cold_us": _per_call_us(cold)}
+    return _median_us({"warm_us": lambda: torch.addmm(fold.read_bias, x, fold.read), "cold_us": cold}, REPEATS)
 
 
 def probe_size(rounds: int = 15, batch: int = 1) -> dict:
@@ -123,28 +115,22 @@ def probe_size(rounds: int = 15, batch: int = 1) -> dict:
             start, _, feed = _reference(model, DEFAULT_PROMPT, batch, STEPS)
             route = _skip0(model, batch)
             decode(model, start, feed, route, folded)
-            pairs = [_in_turn(partial(Stepper, model, start, feed, route, folded), partial(Stepper, model, start, feed),
-                              STEPS, r % 2 == 1) for r in range(rounds)]
-        ratios = [full / routed for routed, full in pairs]
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-        out[f"routers_{label}"] = {"skip0_speedup": statistics.median(ratios), "quartiles": [q1, q3]}
+            skip0 = Config("skip0", partial(_in_turn, partial(Stepper, model, start, feed, route, folded),
+                                            partial(Stepper, model, start, feed), STEPS))
+            _measure([skip0], rounds, f"routers of {label}", quiet=False)
+        routed, full = _paired(skip0)
+        out[f"routers_{label}"] = {"skip0_speedup": full / routed, "quartiles": _quartiles(skip0)}
     return out
 
 
 def probe_compile(batch: int = 8) -> dict:
     fold = _model().shortcuts.folded()[0]
     x = torch.randn(batch, fold.read.shape[0])
-
-    def decide(x):
-        normed = F.layer_norm(x, x.shape[-1:], eps=fold.eps)
-        act = F.gelu(torch.addmm(fold.read_bias, normed, fold.read), approximate="tanh")
-        return torch.addmm(fold.score_bias, act, fold.score)
-
-    compiled = torch.compile(decide, dynamic=False)
+    compiled = torch.compile(fold.decide, dynamic=False)
     began = time.perf_counter()
     compiled(x)
     first = time.perf_counter() - began
-    return {"batch": batch, "eager_us": _per_call_us(lambda: decide(x)), "compiled_us": _per_call_us(lambda: compiled(x)),
+    return {"batch": batch, **_median_us({"eager_us": lambda: fold.decide(x), "compiled_us": lambda: compiled(x)}, REPEATS),
             "first_call_s": first}
 
 
