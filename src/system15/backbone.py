@@ -326,8 +326,8 @@ class Backbone(nn.Module):
             k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape).transpose(1, 2)
             v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
             return k * cos + rotate_half(k) * sin, v
-        # decoding: a fused norm, one product and the rotary in three operations; each small
-        # operation costs ~10 µs on a CPU at batch 1, as much as this product's arithmetic
+        # decoding: a fused norm, one product and the rotary in three operations; at batch 1
+        # each small operation costs about as much as this product's arithmetic
         weight, bias = self._llama_kv(layer)
         dim = self.head_dim(layer)
         x = F.rms_norm(h_in, h_in.shape[-1:], eps=block.input_layernorm.variance_epsilon)
